@@ -1,0 +1,512 @@
+"""The one ACE-Step v1 checkpoint loader: Hugging Face folders or the ComfyUI all-in-one file, safetensors only (spec §10)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .errors import CheckpointError, ModelDownloadError
+
+DEFAULT_REPO = "ACE-Step/ACE-Step-v1-3.5B"
+ALL_COMPONENTS = ("transformer", "dcae", "vocoder", "text")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+SPIECE_KEY = "text_encoders.spiece_model"
+IGNORED_SINGLE_FILE_KEYS = ("text_encoders.umt5base.logit_scale",)
+UMT5_TIED = ("shared.weight", "encoder.embed_tokens.weight")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class ComponentLayout:
+    """Where one component lives in each layout (spec §10.1 folder/file, §10.2 prefix)."""
+
+    name: str
+    folder: str
+    weights: str
+    prefix: str
+    optional_prefixes: tuple[str, ...] = ()
+
+
+LAYOUTS: dict[str, ComponentLayout] = {
+    "transformer": ComponentLayout(
+        "transformer", "ace_step_transformer", "diffusion_pytorch_model.safetensors", "model.diffusion_model."
+    ),
+    "dcae": ComponentLayout("dcae", "music_dcae_f8c8", "diffusion_pytorch_model.safetensors", "vae.dcae."),
+    "vocoder": ComponentLayout(
+        "vocoder", "music_vocoder", "diffusion_pytorch_model.safetensors", "vae.vocoder.", ("mel_transform.",)
+    ),
+    "text": ComponentLayout("text", "umt5-base", "model.safetensors", "text_encoders.umt5base.transformer."),
+}
+
+# Unprefixed keys that betray a single component file of the folder layout passed as a checkpoint.
+_FOLDER_FILE_MARKERS = {
+    "genre_embedder.weight": "ace_step_transformer",
+    "encoder.conv_in.weight": "music_dcae_f8c8",
+    "backbone.channel_layers.0.0.weight": "music_vocoder",
+    "shared.weight": "umt5-base",
+}
+
+
+@dataclass
+class TensorSource:
+    """One component's tensors: module key -> key in a safetensors file, plus the shapes (spec §10)."""
+
+    file: Path
+    keys: dict[str, str]
+    shapes: dict[str, tuple[int, ...]]
+    config: dict | None
+
+
+@dataclass
+class AceStepModel:
+    """Every loaded ACE-Step v1 component, with where and how it was loaded (spec §10)."""
+
+    transformer: torch.nn.Module | None
+    dcae: torch.nn.Module | None
+    vocoder: torch.nn.Module | None
+    text_encoder: Any
+    dtype: torch.dtype
+    device: torch.device
+    source: Path
+    layout: str
+    lyric_vocab: str | os.PathLike | None = None
+    _lyric_tokenizer: Any = field(default=None, init=False, repr=False)
+
+    @property
+    def lyric_tokenizer(self) -> Any:
+        """The lyric tokenizer, built on first use; raises the lyric module's clear error when no vocab is found (spec §5.1)."""
+        if self._lyric_tokenizer is None:
+            from .lyrics import LyricTokenizer, find_lyric_vocab
+
+            checkpoint_dir = self.source if self.layout == "folder" else self.source.parent
+            self._lyric_tokenizer = LyricTokenizer(find_lyric_vocab(self.lyric_vocab, checkpoint_dir))
+        return self._lyric_tokenizer
+
+
+def load_acestep(
+    path_or_repo: str | os.PathLike = DEFAULT_REPO,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+    models_dir: str | os.PathLike | None = None,
+    components: Sequence[str] = ALL_COMPONENTS,
+    lyric_vocab: str | os.PathLike | None = None,
+    progress: ProgressFn | None = None,
+) -> AceStepModel:
+    """Load ACE-Step v1 from a folder, an all-in-one .safetensors file or a Hugging Face repo id (spec §10)."""
+    dtype = _check_dtype(dtype)
+    device = torch.device(device)
+    components = _check_components(components)
+    path = resolve_checkpoint(path_or_repo, models_dir=models_dir, components=components)
+    layout = detect_layout(path, components)
+    sources = folder_sources(path, components) if layout == "folder" else single_file_sources(path, components)
+    loaded: dict[str, Any] = {}
+    for i, name in enumerate(components):
+        loaded[name] = _BUILDERS[name](sources[name], path, layout, dtype, device)
+        if progress is not None:
+            progress(name, i + 1, len(components))
+    return AceStepModel(
+        transformer=loaded.get("transformer"),
+        dcae=loaded.get("dcae"),
+        vocoder=loaded.get("vocoder"),
+        text_encoder=loaded.get("text"),
+        dtype=dtype,
+        device=device,
+        source=path,
+        layout=layout,
+        lyric_vocab=lyric_vocab,
+    )
+
+
+def _check_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A floating torch dtype from a dtype or its name ('bfloat16', 'float16', 'float32')."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype={dtype!r} is not a floating torch dtype; use torch.float32, torch.bfloat16 or torch.float16")
+    return dtype
+
+
+def _check_components(components: Sequence[str]) -> tuple[str, ...]:
+    """The requested component names, checked against ALL_COMPONENTS."""
+    if isinstance(components, str):
+        components = (components,)
+    unknown = [c for c in components if c not in ALL_COMPONENTS]
+    if unknown or not components:
+        raise ValueError(f"components={tuple(components)!r}: choose one or more of {ALL_COMPONENTS}")
+    return tuple(dict.fromkeys(components))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Where the files are: local path, or a Hugging Face repo id downloaded into models_dir.
+
+
+def resolve_checkpoint(
+    path_or_repo: str | os.PathLike, *, models_dir: str | os.PathLike | None, components: Sequence[str]
+) -> Path:
+    """A local path for a folder, a file or a repo id (downloaded when not on disk) (spec §10.1)."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        return path
+    text = str(path_or_repo)
+    if not _REPO_ID.match(text):
+        raise CheckpointError(
+            f"checkpoint {text!r} not found: expected a folder with "
+            f"{', '.join(LAYOUTS[c].folder + '/' for c in ALL_COMPONENTS)}, an all-in-one .safetensors file, "
+            f"or a Hugging Face repo id such as {DEFAULT_REPO!r}"
+        )
+    target = Path(models_dir).expanduser() / text.split("/")[-1] if models_dir is not None else None
+    if target is not None and all((target / LAYOUTS[c].folder).is_dir() for c in components):
+        return target
+    return download_repo(text, target, components)
+
+
+def download_repo(repo_id: str, target: Path | None, components: Sequence[str]) -> Path:
+    """snapshot_download of only the component folders, into target (or the HF cache when None) (spec §10.1)."""
+    import huggingface_hub
+    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    patterns = [f"{LAYOUTS[c].folder}/*" for c in components]
+    where = str(target) if target is not None else "a local folder (pass its path instead of the repo id)"
+    try:
+        got = huggingface_hub.snapshot_download(
+            repo_id, local_dir=str(target) if target is not None else None, allow_patterns=patterns
+        )
+    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as exc:
+        raise ModelDownloadError(
+            f"could not download {repo_id}: the repository does not exist or needs access rights ({exc}); "
+            f"put the folders {', '.join(patterns)} at {where}"
+        ) from exc
+    except Exception as exc:
+        raise ModelDownloadError(
+            f"could not download {repo_id}: no network or Hugging Face offline mode ({type(exc).__name__}: {exc}); "
+            f"put the folder at {where} with the sub-folders {', '.join(LAYOUTS[c].folder + '/' for c in components)}"
+        ) from exc
+    return Path(got)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layout detection and key maps (one place for every name change).
+
+
+def detect_layout(path: Path, components: Sequence[str]) -> str:
+    """'folder' (the four HF sub-folders) or 'single_file' (ComfyUI all-in-one .safetensors); anything else is an error."""
+    if path.is_dir():
+        missing = [LAYOUTS[c].folder for c in components if not (path / LAYOUTS[c].folder).is_dir()]
+        if missing:
+            found = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+            raise CheckpointError(
+                f"{path} is not an ACE-Step v1 checkpoint folder: missing sub-folder(s) {', '.join(m + '/' for m in missing)}; "
+                f"found {', '.join(found[:12]) or 'nothing'}{' ...' if len(found) > 12 else ''}. Expected "
+                f"{', '.join(LAYOUTS[c].folder + '/' for c in ALL_COMPONENTS)} (the Hugging Face repo {DEFAULT_REPO}) "
+                "or an all-in-one .safetensors file"
+            )
+        return "folder"
+    _refuse_non_safetensors(path)
+    return "single_file"
+
+
+def _refuse_non_safetensors(path: Path) -> None:
+    """Refuse pickle checkpoints (never torch.load) and anything that is not .safetensors."""
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path}: {suffix} files are Python pickles, which can run code when loaded and are refused; "
+            "use the .safetensors release of the checkpoint"
+        )
+    if suffix != ".safetensors":
+        raise CheckpointError(
+            f"{path}: expected an all-in-one .safetensors file or a checkpoint folder, got a '{suffix or 'no'}' file"
+        )
+
+
+def _open(file: Path):
+    """safe_open with a clear error naming the file when it is truncated or not safetensors."""
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as exc:
+        raise CheckpointError(
+            f"{file}: cannot be read as safetensors ({exc}); the file is truncated or corrupt - download it again"
+        ) from exc
+
+
+def _file_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor name and shape in a safetensors file, read from its header only."""
+    with _open(file) as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def folder_sources(root: Path, components: Sequence[str]) -> dict[str, TensorSource]:
+    """Tensor sources of the HF folder layout: unprefixed keys and config.json per sub-folder (spec §10.1)."""
+    sources = {}
+    for name in components:
+        layout = LAYOUTS[name]
+        folder = root / layout.folder
+        file = _component_file(folder, layout.weights)
+        shapes = _file_shapes(file)
+        config_file = folder / "config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else None
+        keys = map_component_keys(name, list(shapes))
+        sources[name] = TensorSource(file, keys, {k: shapes[v] for k, v in keys.items()}, config)
+    return sources
+
+
+def _component_file(folder: Path, weights: str) -> Path:
+    """The weights file of one sub-folder; pickles are refused, a lone differently named .safetensors is accepted."""
+    if (folder / weights).is_file():
+        return folder / weights
+    candidates = sorted(folder.glob("*.safetensors"))
+    if len(candidates) == 1:
+        return candidates[0]
+    pickles = sorted(p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        _refuse_non_safetensors(pickles[0])
+    raise CheckpointError(
+        f"{folder}: expected the weights file {weights}, found {', '.join(p.name for p in folder.iterdir()) or 'nothing'}"
+    )
+
+
+def single_file_sources(file: Path, components: Sequence[str]) -> dict[str, TensorSource]:
+    """Tensor sources of the ComfyUI all-in-one file: prefixes stripped, configs derived from shapes (spec §10.2)."""
+    shapes = _file_shapes(file)
+    _check_family(file, shapes)
+    missing = [c for c in components if not any(k.startswith(LAYOUTS[c].prefix) for k in shapes)]
+    if missing:
+        raise CheckpointError(
+            f"{file} has no {', '.join(missing)} weights (no keys under "
+            f"{', '.join(LAYOUTS[c].prefix for c in missing)}); load it with components= the parts it has, "
+            "or use a full checkpoint"
+        )
+    sources = {}
+    for name in components:
+        prefix = LAYOUTS[name].prefix
+        stripped = {k[len(prefix):]: k for k in shapes if k.startswith(prefix)}
+        local = map_component_keys(name, list(stripped))
+        keys = {k: stripped[v] for k, v in local.items()}
+        sources[name] = TensorSource(file, keys, {k: shapes[v] for k, v in keys.items()}, None)
+    return sources
+
+
+def _check_family(file: Path, shapes: Mapping[str, Sequence[int]]) -> None:
+    """Reject safetensors files that are not an ACE-Step v1 all-in-one checkpoint, saying what they look like."""
+    prefixes = [layout.prefix for layout in LAYOUTS.values()]
+    if any(k.startswith(p) for k in shapes for p in prefixes):
+        return
+    for marker, folder in _FOLDER_FILE_MARKERS.items():
+        if marker in shapes:
+            raise CheckpointError(
+                f"{file} is the {folder}/ weights file of the folder layout, not a whole checkpoint; "
+                f"pass the folder that contains {folder}/ and its three sibling folders"
+            )
+    sample = ", ".join(list(shapes)[:5])
+    raise CheckpointError(
+        f"{file} is not an ACE-Step v1 checkpoint: none of its {len(shapes)} tensors ({sample}{', ...' if len(shapes) > 5 else ''}) "
+        f"has the prefixes {', '.join(prefixes)}"
+    )
+
+
+def map_component_keys(name: str, file_keys: Sequence[str]) -> dict[str, str]:
+    """Module state-dict key -> file key for one component, prefix already stripped (spec §10)."""
+    if name == "vocoder":
+        from .models.vocoder import map_vocoder_keys
+
+        keys = map_vocoder_keys(list(file_keys))
+    else:
+        keys = {k: k for k in file_keys}
+    if name == "text":
+        present = [k for k in UMT5_TIED if k in keys]
+        for k in UMT5_TIED:
+            if present and k not in keys:
+                keys[k] = keys[present[0]]
+    return keys
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building modules without allocating their weights, then assigning the tensors in the target dtype/device.
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Create every nn.Parameter on the meta device while inside; buffers (rope tables, mel filters) stay real."""
+    original = torch.nn.Module.register_parameter
+
+    def register(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    torch.nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+def assign_weights(
+    module: torch.nn.Module,
+    source: TensorSource,
+    dtype: torch.dtype,
+    device: torch.device,
+    optional_prefixes: Sequence[str] = (),
+) -> torch.nn.Module:
+    """Check keys/shapes against the module, then load_state_dict(strict, assign) tensor by tensor (spec §10)."""
+    expected = module.state_dict()
+    param_names = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+    missing = [k for k in expected if k not in source.keys and not k.startswith(tuple(optional_prefixes))]
+    unexpected = [k for k in source.keys if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"{source.file}: keys do not match the model: {_key_report(missing, unexpected)}")
+    wrong = [
+        f"{k}: file {list(source.shapes[k])} vs model {list(v.shape)}"
+        for k, v in expected.items()
+        if k in source.shapes and tuple(v.shape) != tuple(source.shapes[k])
+    ]
+    if wrong:
+        raise CheckpointError(
+            f"{source.file}: {len(wrong)} tensor shape(s) do not match the model: {'; '.join(wrong[:10])}"
+            f"{' ...' if len(wrong) > 10 else ''}"
+        )
+    state: dict[str, torch.Tensor] = {}
+    read: dict[str, torch.Tensor] = {}
+    with _open(source.file) as f:
+        for key, ref in expected.items():
+            file_key = source.keys.get(key)
+            if file_key is None:
+                state[key] = ref.to(device)
+                continue
+            if file_key not in read:
+                target = dtype if key in param_names else ref.dtype
+                read[file_key] = _read_tensor(f, source.file, file_key, target, device)
+            state[key] = read[file_key]
+    module.load_state_dict(state, strict=True, assign=True)
+    materialize_buffers(module, device)
+    return module.eval().requires_grad_(False)
+
+
+def _read_tensor(f, file: Path, key: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One tensor from an open safetensors file, converted straight to dtype (floating only) and device."""
+    try:
+        tensor = f.get_tensor(key)
+    except Exception as exc:
+        raise CheckpointError(f"{file}: tensor {key!r} cannot be read ({exc}); the file is truncated or corrupt") from exc
+    if tensor.is_floating_point():
+        return tensor.to(device=device, dtype=dtype)
+    return tensor.to(device=device)
+
+
+def materialize_buffers(module: torch.nn.Module, device: torch.device) -> None:
+    """Move every buffer (non-persistent ones included) to device; a buffer left on meta is an error."""
+    for sub_name, sub in module.named_modules():
+        for name, buf in list(sub._buffers.items()):
+            if buf is None:
+                continue
+            if buf.device.type == "meta":
+                raise CheckpointError(f"buffer {sub_name}.{name} was never computed (still on the meta device)")
+            sub._buffers[name] = buf.to(device)
+    leftover = [n for n, p in module.named_parameters() if p.device.type == "meta"]
+    if leftover:
+        raise CheckpointError(f"parameters not loaded (still on the meta device): {_key_report(leftover, [])}")
+
+
+def _key_report(missing: Sequence[str], unexpected: Sequence[str]) -> str:
+    """'N missing keys (first 10: ...); M unexpected keys (first 10: ...)'."""
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            head = ", ".join(keys[:10])
+            parts.append(f"{len(keys)} {label} key(s) ({head}{' ...' if len(keys) > 10 else ''})")
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Component builders: config from config.json or from shapes, module on meta, weights assigned.
+
+
+def _build_transformer(source: TensorSource, root: Path, layout: str, dtype: torch.dtype, device: torch.device):
+    """The diffusion transformer with its lyric encoder (spec §2, §3)."""
+    from .models.transformer import AceStepTransformer, TransformerConfig
+
+    config = _config_or_error(TransformerConfig.from_checkpoint, source)
+    with parameters_on_meta():
+        module = AceStepTransformer(config)
+    return assign_weights(module, source, dtype, device)
+
+
+def _build_dcae(source: TensorSource, root: Path, layout: str, dtype: torch.dtype, device: torch.device):
+    """The Music-DCAE autoencoder (spec §6.2)."""
+    from .models.dcae import DCAE, DCAEConfig
+
+    config = _config_or_error(DCAEConfig.from_checkpoint, source)
+    with parameters_on_meta():
+        module = DCAE(config)
+    return assign_weights(module, source, dtype, device)
+
+
+def _build_vocoder(source: TensorSource, root: Path, layout: str, dtype: torch.dtype, device: torch.device):
+    """The ADaMoSHiFiGANV1 vocoder with its mel front end (spec §6.1, §6.3)."""
+    from .models.vocoder import Vocoder, VocoderConfig
+
+    config = _config_or_error(VocoderConfig.from_checkpoint, source)
+    with parameters_on_meta():
+        module = Vocoder(config)
+    return assign_weights(module, source, dtype, device, LAYOUTS["vocoder"].optional_prefixes)
+
+
+def _build_text(source: TensorSource, root: Path, layout: str, dtype: torch.dtype, device: torch.device):
+    """UMT5 encoder + tokenizer: tokenizer.json in the folder, the embedded SentencePiece bytes in the single file (spec §4)."""
+    from .text import TextEncoder, tokenizer_from_file, tokenizer_from_spiece, umt5_config_from_checkpoint
+    from transformers import UMT5EncoderModel
+
+    config = _config_or_error(umt5_config_from_checkpoint, source)
+    with parameters_on_meta():
+        model = UMT5EncoderModel(config)
+    assign_weights(model, source, dtype, device)
+    model.set_input_embeddings(model.shared)
+    if layout == "folder":
+        folder = root / LAYOUTS["text"].folder
+        if (folder / "tokenizer.json").is_file():
+            tokenizer = tokenizer_from_file(folder / "tokenizer.json")
+        elif (folder / "spiece.model").is_file():
+            tokenizer = tokenizer_from_spiece((folder / "spiece.model").read_bytes())
+        else:
+            raise CheckpointError(f"{folder}: no tokenizer.json or spiece.model for the UMT5 tokenizer")
+    else:
+        tokenizer = tokenizer_from_spiece(_read_spiece(source.file))
+    return TextEncoder(model, tokenizer)
+
+
+def _read_spiece(file: Path) -> bytes:
+    """The SentencePiece model bytes stored as a uint8 tensor in the all-in-one file (spec §10.2)."""
+    with _open(file) as f:
+        if SPIECE_KEY not in f.keys():
+            raise CheckpointError(f"{file}: no {SPIECE_KEY} tensor, so the UMT5 tokenizer cannot be built")
+        data = _read_tensor(f, file, SPIECE_KEY, torch.uint8, torch.device("cpu"))
+    if data.dtype != torch.uint8 or data.dim() != 1:
+        raise CheckpointError(f"{file}: {SPIECE_KEY} must be a 1-D uint8 tensor, got {data.dtype} {list(data.shape)}")
+    return data.numpy().tobytes()
+
+
+def _config_or_error(make: Callable[[Mapping | None, Mapping[str, Sequence[int]]], Any], source: TensorSource) -> Any:
+    """Call XConfig.from_checkpoint(config, shapes), naming the file when the weights do not fit the config."""
+    try:
+        return make(source.config, source.shapes)
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"{source.file}: {exc}") from exc
+
+
+_BUILDERS = {
+    "transformer": _build_transformer,
+    "dcae": _build_dcae,
+    "vocoder": _build_vocoder,
+    "text": _build_text,
+}
