@@ -80,6 +80,7 @@ class LoraWeights:
     ) -> LoraWeights:
         """Parse `<prefix><module>.lora_A/lora_B/lora_down/lora_up.weight` and `.alpha` tensors (spec §9)."""
         modules = _parse_modules(tensors, source)
+        _check_adapter_config(adapter_config, source)
         if fingerprint is None:
             fingerprint = ("content", _content_digest(tensors, adapter_config))
         return cls(modules=modules, adapter_config=adapter_config, source=source, fingerprint=fingerprint)
@@ -179,7 +180,8 @@ class LoraState:
     def ensure(self, loras: Sequence[tuple[LoraWeights, float]], *, honour_alpha: bool = False) -> bool:
         """Make exactly `loras` applied (remove the old set, apply the new); returns whether anything changed.
 
-        The new set is validated before the old one is removed, so a ValueError leaves the model as it was.
+        The new set is validated before the old one is removed, so a ValueError leaves the model as it was; a
+        failure while patching (e.g. out of memory) leaves the base weights and signature ().
         """
         signature = lora_signature(loras, honour_alpha=honour_alpha)
         if signature == self.signature:
@@ -288,10 +290,22 @@ def _parse_adapter_config(text: str | None, file: Path) -> dict[str, Any] | None
         raise ValueError(
             f"LoRA file {file}: header '{METADATA_KEY}' must be a JSON object, got {type(config).__name__}"
         )
-    alpha = config.get("lora_alpha")
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0):
-        raise ValueError(f"LoRA file {file}: header lora_alpha must be a positive number, got {alpha!r}")
     return config
+
+
+def _check_adapter_config(config: Mapping[str, Any] | None, source: str) -> None:
+    """Check that the alphas of a PEFT LoraConfig (lora_alpha, alpha_pattern values) are positive numbers."""
+    if config is None:
+        return
+    if not isinstance(config, Mapping):
+        raise ValueError(
+            f"LoRA {source}: adapter_config must be a mapping (PEFT LoraConfig), got {type(config).__name__}"
+        )
+    alphas = {"lora_alpha": config.get("lora_alpha")}
+    alphas.update({f"alpha_pattern[{k!r}]": v for k, v in (config.get("alpha_pattern") or {}).items()})
+    for label, alpha in alphas.items():
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0):
+            raise ValueError(f"LoRA {source}: {label} in the adapter metadata must be a positive number, got {alpha!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
