@@ -1,0 +1,181 @@
+// Browser harness: a LiteGraph-like stub just big enough for the pack's extensions.
+// It registers node types through the extensions' hooks the way the editor does
+// (beforeRegisterNodeDef, then the constructor adds widgets, then onNodeCreated and
+// nodeCreated), draws each node's canvas widgets on its own <canvas>, and forwards
+// pointer events to the widget under the pointer as LiteGraph does for legacy
+// widgets (pointerdown on the widget, then pointermove / pointerup until release).
+import { app } from "/scripts/app.js";
+
+const WIDTH = 400;
+const nodes = {};
+const errors = [];
+window.addEventListener("error", (event) => errors.push(String(event.message)));
+window.addEventListener("unhandledrejection", (event) => errors.push(String(event.reason)));
+
+class StubNode {
+  constructor(type) {
+    Object.assign(this, { type, comfyClass: type, widgets: [], inputs: [], pos: [0, 0], size: [WIDTH, 300] });
+    this.host = document.createElement("section");
+    this.host.dataset.node = type;
+    document.body.append(this.host);
+  }
+
+  addCustomWidget(widget) {
+    this.widgets.push(widget);
+    return widget;
+  }
+
+  addDOMWidget(name, type, element, options) {
+    const widget = { name, type, element, options, value: undefined };
+    this.host.append(element);
+    this.widgets.push(widget);
+    return widget;
+  }
+
+  getInputNode(slot) {
+    return this.inputs[slot]?.source ?? null;
+  }
+}
+
+function numberWidget(name, value, max) {
+  return {
+    name, type: "number", value, options: { min: 0, max, round: 0.01 },
+    callback(v) {
+      this.value = Math.round(v * 100) / 100;
+    },
+  };
+}
+
+function textWidget(node, name, text) {
+  const textarea = document.createElement("textarea");
+  textarea.name = name;
+  textarea.value = text;
+  node.host.append(textarea);
+  return {
+    name, type: "customtext", inputEl: textarea, element: textarea,
+    get value() {
+      return textarea.value;
+    },
+    set value(v) {
+      textarea.value = v;
+    },
+  };
+}
+
+async function defineNode(nodeData, addWidgets) {
+  class NodeType extends StubNode {}
+  for (const extension of app.extensions) await extension.beforeRegisterNodeDef?.(NodeType, nodeData, app);
+  return () => {
+    const node = new NodeType(nodeData.name);
+    addWidgets(node);
+    node.onNodeCreated?.();
+    for (const extension of app.extensions) extension.nodeCreated?.(node, app);
+    nodes[nodeData.name] = node;
+    return node;
+  };
+}
+
+/** Canvas widgets of a node, stacked from y = 0, with their heights. */
+function canvasWidgets(node) {
+  let y = 0;
+  return node.widgets.filter((w) => typeof w.draw === "function").map((widget) => {
+    const height = widget.computeSize(WIDTH)[1];
+    const placed = { widget, y, height };
+    y += height;
+    return placed;
+  });
+}
+
+function attachCanvas(node) {
+  const placed = canvasWidgets(node);
+  const canvas = document.createElement("canvas");
+  canvas.width = WIDTH;
+  canvas.height = placed.reduce((sum, p) => sum + p.height, 0);
+  node.host.append(canvas);
+  node.canvas = canvas;
+  let active = null;
+  const forward = (event) => {
+    const pos = [event.offsetX, event.offsetY];
+    if (event.type === "pointerdown") {
+      active = placed.find((p) => pos[1] >= p.y && pos[1] < p.y + p.height)?.widget ?? null;
+      if (active) canvas.setPointerCapture(event.pointerId);
+    }
+    if (!active) return;
+    active.mouse?.(event, pos, node);
+    if (event.type === "pointerup") active = null;
+    render();
+  };
+  for (const type of ["pointerdown", "pointermove", "pointerup"]) canvas.addEventListener(type, forward);
+}
+
+function render() {
+  for (const node of Object.values(nodes)) {
+    if (!node.canvas) continue;
+    const ctx = node.canvas.getContext("2d");
+    ctx.clearRect(0, 0, node.canvas.width, node.canvas.height);
+    for (const { widget, y } of canvasWidgets(node)) widget.draw(ctx, node, WIDTH, y, 20);
+  }
+}
+
+async function setup() {
+  await import("/extensions/acestep/js/waveform_region.js");
+  await import("/extensions/acestep/js/lyrics_helper.js");
+  app.canvas.onDirty = render;
+
+  const loadAudio = (await defineNode({ name: "LoadAudio", input: { required: { audio: [[]] } } }, (node) => {
+    node.widgets.push({ name: "audio", type: "combo", value: "harness/sine.wav" });
+  }))();
+  const regionNode = async (name, a, b, max) => {
+    const create = await defineNode({ name, input: { required: { audio: ["AUDIO"], [a]: ["FLOAT"], [b]: ["FLOAT"] } } }, (node) => {
+      node.inputs.push({ name: "audio", type: "AUDIO", source: loadAudio });
+      node.widgets.push(numberWidget(a, name === "AceStepExtend" ? 0 : 1, max), numberWidget(b, name === "AceStepExtend" ? 1.5 : 2, max));
+    });
+    attachCanvas(create());
+  };
+  await regionNode("AceStepRepaintRegion", "start_seconds", "end_seconds", 240);
+  await regionNode("AceStepExtend", "left_seconds", "right_seconds", 2);
+
+  const lyricsNode = async (name, widgetNames) => {
+    const required = Object.fromEntries(widgetNames.map((w) => [w, ["STRING", { multiline: true }]]));
+    const create = await defineNode({ name, input: { required } }, (node) => {
+      for (const w of widgetNames) node.widgets.push(textWidget(node, w, "oh my love"));
+    });
+    create();
+  };
+  await lyricsNode("AceStepTextEncode", ["lyrics"]);
+  await lyricsNode("AceStepFlowEdit", ["lyrics", "target_lyrics"]);
+  await lyricsNode("SomeoneElsesNode", ["lyrics"]);
+  render();
+}
+
+function widget(nodeName, widgetName) {
+  return nodes[nodeName].widgets.find((w) => w.name === widgetName);
+}
+
+window.harness = {
+  ready: setup().catch((error) => errors.push(String(error?.stack ?? error))),
+  errors,
+  render,
+  /** RGBA of one pixel of a node's widget canvas. */
+  pixel(nodeName, x, y) {
+    return Array.from(nodes[nodeName].canvas.getContext("2d").getImageData(x, y, 1, 1).data);
+  },
+  value: (nodeName, widgetName) => widget(nodeName, widgetName).value,
+  /** Set a number widget as the editor does when the user types a value. */
+  type(nodeName, widgetName, value) {
+    const w = widget(nodeName, widgetName);
+    w.callback(value);
+    render();
+  },
+  executed(nodeName, output) {
+    nodes[nodeName].onExecuted?.(output);
+  },
+  /** name, serialize and options.serialize of every widget, in order. */
+  widgets: (nodeName) =>
+    nodes[nodeName].widgets.map((w) => ({ name: w.name, serialize: w.serialize, options: w.options?.serialize })),
+  /** Choose another file on the LoadAudio node, as the user does in its combo. */
+  chooseFile(value) {
+    widget("LoadAudio", "audio").value = value;
+    render();
+  },
+};
