@@ -220,6 +220,7 @@ class RegionPicker {
     if (!this.plot) return false;
     const kind = event.type.replace(/^mouse/, "pointer");
     if (kind === "pointerdown") {
+      if (event.button > 0) return false;
       const { bounds, region, view } = this.timeline();
       const t = xToSeconds(pos[0], view, this.plot.x0, this.plot.width);
       const tolerance = (EDGE_PIXELS * (view.t1 - view.t0)) / this.plot.width;
