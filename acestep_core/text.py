@@ -14,7 +14,6 @@ MAX_TEXT_TOKENS = 256
 PAD_ID = 0
 EOS_ID = 1
 ERG_TAG_LAYERS = (8, 9)
-ERG_TAU = 0.01
 
 # The umt5-base values that the weights do not reveal (spec §4).
 _UMT5_FIXED = {
@@ -69,13 +68,6 @@ def umt5_config_from_checkpoint(config: Mapping | None, shapes: Mapping[str, Seq
 def _count_blocks(shapes: Mapping[str, Sequence[int]]) -> int:
     """Number of encoder.block.N entries in a UMT5 state dict."""
     return len({k.split(".")[2] for k in shapes if k.startswith("encoder.block.")})
-
-
-def build_umt5_on_meta(config: UMT5Config) -> UMT5EncoderModel:
-    """An empty UMT5EncoderModel on the meta device, ready for load_state_dict(assign=True) (spec §4)."""
-    with torch.device("meta"):
-        model = UMT5EncoderModel(config)
-    return model.eval()
 
 
 def tokenizer_from_file(path: str | Path) -> Tokenizer:
