@@ -1,0 +1,116 @@
+"""ACE-Step v1 lyric tokenizer: lyrics text -> the official token ids (spec 5.2)."""
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+
+from .cleaners import clean_line
+from .language import detect_line_language
+
+# The 17 languages with a "[xx]" token; any other detected code is encoded as English (spec 5.2 step 3).
+SUPPORTED_LANGUAGES = ("en", "de", "fr", "es", "it", "pt", "pl", "tr", "ru", "cs", "nl", "ar", "zh", "ja", "hu", "ko", "hi")
+STOP_ID = 0
+UNK_ID = 1
+SEPARATOR_ID = 2  # "[SPACE]": spaces inside a line and the end of every line
+START_ID = 261
+VOCAB_SIZE = 6693
+STRUCTURE_TAG = re.compile(r"\[.*?\]")
+LANGUAGE_TAG = re.compile(r"\[(" + "|".join(SUPPORTED_LANGUAGES) + r"|zh-cn)\]")
+
+
+def language_token(lang: str) -> str:
+    """The vocabulary token that starts a line of language `lang` (zh uses "[zh-cn]")."""
+    return "[zh-cn]" if lang == "zh" else f"[{lang}]"
+
+
+def encoding_language(detected: str) -> str:
+    """Official mapping of a detected code: unsupported codes -> en (spec 5.2 step 3)."""
+    return detected if detected in SUPPORTED_LANGUAGES else "en"
+
+
+class LyricTokenizer:
+    """Official ``tokenize_lyrics``: per-line language detection, cleaners, ``[lang]`` prefix, BPE (spec 5.2).
+
+    With ``language_tags=True`` a line may start with a language token (``[ja]``, ``[zh]``/``[zh-cn]``, any of the
+    17 codes) that overrides detection for that line and is not itself encoded. This is off by default because
+    the official pipeline encodes such a line as an English structure-tag line.
+    """
+
+    def __init__(self, vocab_path: str | os.PathLike, *, language_tags: bool = False):
+        from tokenizers import Tokenizer
+
+        self.vocab_path = Path(vocab_path)
+        if not self.vocab_path.is_file():
+            raise FileNotFoundError(f"lyric vocabulary {self.vocab_path} does not exist (see find_lyric_vocab)")
+        try:
+            self._bpe = Tokenizer.from_file(str(self.vocab_path))
+        except Exception as err:
+            raise ValueError(f"lyric vocabulary {self.vocab_path} is not a HuggingFace tokenizers JSON: {err}") from err
+        self._check_vocab()
+        self.language_tags = language_tags
+        self._added = frozenset(t.content for t in self._bpe.get_added_tokens_decoder().values())
+        self._encode_line = functools.lru_cache(maxsize=4096)(self._encode_line_uncached)
+
+    def _check_vocab(self) -> None:
+        expected = {"[STOP]": STOP_ID, "[UNK]": UNK_ID, "[SPACE]": SEPARATOR_ID, "[START]": START_ID}
+        wrong = {tok: self._bpe.token_to_id(tok) for tok, i in expected.items() if self._bpe.token_to_id(tok) != i}
+        missing = [language_token(lang) for lang in SUPPORTED_LANGUAGES if self._bpe.token_to_id(language_token(lang)) is None]
+        size = self._bpe.get_vocab_size(with_added_tokens=True)
+        if wrong or missing or size != VOCAB_SIZE:
+            raise ValueError(
+                f"{self.vocab_path} is not the ACE-Step lyric vocabulary (expected {VOCAB_SIZE} ids with "
+                f"{expected}; got size {size}, wrong ids {wrong}, missing language tokens {missing}); "
+                "use acestep/models/lyrics_utils/vocab.json or ComfyUI's ace_lyrics_tokenizer/vocab.json"
+            )
+
+    # -- per line ------------------------------------------------------------------------------------
+    def _line_plan(self, line: str) -> tuple[str, str]:
+        """(text to encode, language) for one stripped non-empty line."""
+        if self.language_tags:
+            tagged = LANGUAGE_TAG.match(line)
+            rest = line[tagged.end():].strip() if tagged else ""
+            if rest:
+                return rest, "zh" if tagged.group(1) == "zh-cn" else tagged.group(1)
+        if STRUCTURE_TAG.match(line):
+            return line, "en"
+        return line, encoding_language(detect_line_language(line))
+
+    def _encode_line_uncached(self, line: str) -> tuple[int, ...]:
+        text, lang = self._line_plan(line)
+        prompt = language_token(lang) + clean_line(text, lang)
+        return tuple(self._bpe.encode(prompt.replace(" ", "[SPACE]")).ids)
+
+    # -- public --------------------------------------------------------------------------------------
+    def encode(self, lyrics: str) -> list[int]:
+        """Token ids: [START], then per line its ids and [SPACE]; an empty line is a lone [SPACE] (spec 5.2)."""
+        if not isinstance(lyrics, str):
+            raise ValueError(f"lyrics must be text, got {type(lyrics).__name__}")
+        ids = [START_ID]
+        for line in lyrics.split("\n"):
+            line = line.strip()
+            if line:
+                ids += self._encode_line(line)
+            ids.append(SEPARATOR_ID)
+        return ids
+
+    def encode_with_mask(self, lyrics: str) -> tuple[list[int], list[int]]:
+        """(ids, mask) as the official pipeline feeds them: ``([0], [0])`` for an empty string, else mask of ones."""
+        if lyrics == "":
+            return [STOP_ID], [0]
+        ids = self.encode(lyrics)
+        return ids, [1] * len(ids)
+
+    def line_languages(self, lyrics: str) -> list[tuple[str, str]]:
+        """(line, language used to encode it) for every non-empty line (structure-tag lines are en)."""
+        return [(line, self._line_plan(line)[1]) for line in (raw.strip() for raw in lyrics.split("\n")) if line]
+
+    def unknown_structure_tags(self, lyrics: str) -> list[str]:
+        """Line-leading ``[...]`` tags the vocabulary does not know (encoded as [UNK] + letters), first-seen order."""
+        unknown: list[str] = []
+        for raw in lyrics.split("\n"):
+            tag = STRUCTURE_TAG.match(raw.strip())
+            if tag and tag.group(0).lower() not in self._added and tag.group(0) not in unknown:
+                unknown.append(tag.group(0))
+        return unknown
