@@ -1,0 +1,96 @@
+"""Tags and lyrics -> the tensors the transformer is conditioned on (spec §4, §5, §7.6 ERG-tag)."""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, replace
+
+import torch
+
+ERG_TAU = 0.01
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """One prompt's text states and lyric ids (batch 1; tasks repeat them over the batch)."""
+
+    tags: str
+    lyrics: str
+    text_states: torch.Tensor  # [1, Lt, Dt] UMT5 last_hidden_state
+    text_mask: torch.Tensor  # [1, Lt] long
+    lyric_ids: torch.Tensor  # [1, Ll] long
+    lyric_mask: torch.Tensor  # [1, Ll] long
+    text_states_erg: torch.Tensor | None = None  # [1, Lt, Dt] ERG-tag (tempered) states, or None
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Conditioning":
+        """A copy on `device`, float tensors in `dtype` (ids and masks stay integer)."""
+
+        def f(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            return t.to(device=device, dtype=dtype) if dtype is not None else t.to(device)
+
+        return replace(
+            self,
+            text_states=f(self.text_states),
+            text_states_erg=f(self.text_states_erg),
+            text_mask=self.text_mask.to(device),
+            lyric_ids=self.lyric_ids.to(device),
+            lyric_mask=self.lyric_mask.to(device),
+        )
+
+    @property
+    def instrumental(self) -> bool:
+        """True when there are no lyrics (the lyric mask is all zero)."""
+        return not bool(self.lyric_mask.any())
+
+
+def _check_text(name: str, value: object) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be text, got {type(value).__name__}")
+    return value
+
+
+def encode_conditioning(model, tags: str, lyrics: str, *, erg_tag: bool = True) -> Conditioning:
+    """Encode tags with UMT5 (and the ERG-tag variant) and tokenize lyrics, as the official pipeline.
+
+    Empty lyrics are valid (instrumental): ids ``[0]`` with mask ``[0]``, as the official ``__call__``.
+    Empty tags are encoded as the empty string (the model then sees only the end token) with a warning.
+    """
+    tags = _check_text("tags", tags)
+    lyrics = _check_text("lyrics", lyrics)
+    if not tags.strip():
+        warnings.warn("tags are empty: the model gets no style description; describe genre, instruments, mood, tempo")
+    text_states, text_mask = model.text_encoder.encode([tags])
+    text_erg = model.text_encoder.encode([tags], erg_tag_tau=ERG_TAU)[0] if erg_tag else None
+
+    tokenizer = model.lyric_tokenizer
+    ids, mask = tokenizer.encode_with_mask(lyrics)
+    unknown = tokenizer.unknown_structure_tags(lyrics) if lyrics.strip() else []
+    if unknown:
+        warnings.warn(
+            "lyrics: unknown structure tags " + ", ".join(unknown) + " are read by the model as [UNK] plus letters;"
+            " use one of [verse] [chorus] [bridge] [intro] [outro] [pre-chorus] [hook] [inst] [solo] [break]"
+        )
+    device = text_states.device
+    lyric_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    lyric_mask = torch.tensor([mask], dtype=torch.long, device=device)
+    return Conditioning(
+        tags=tags,
+        lyrics=lyrics,
+        text_states=text_states,
+        text_mask=text_mask.to(torch.long),
+        lyric_ids=lyric_ids,
+        lyric_mask=lyric_mask,
+        text_states_erg=text_erg,
+    )
+
+
+def check_finite_scale(name: str, value: float) -> float:
+    """A guidance-like number must be a finite float."""
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return value
