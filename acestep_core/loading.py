@@ -4,16 +4,25 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
+from torch.overrides import TorchFunctionMode
 
 from .errors import CheckpointError, ModelDownloadError
+from .models.dcae import DCAE, DCAEConfig
+from .models.transformer import AceStepTransformer, TransformerConfig
+from .models.vocoder import MEL_BUFFERS, Vocoder, VocoderConfig, vocoder_key_map
+
+if TYPE_CHECKING:  # text.py pulls in transformers, lyrics the language detector: imported when first needed
+    from .lyrics import LyricTokenizer
+    from .text import TextEncoder
 
 DEFAULT_REPO = "ACE-Step/ACE-Step-v1-3.5B"
 ALL_COMPONENTS = ("transformer", "dcae", "vocoder", "text")
@@ -34,7 +43,7 @@ class ComponentLayout:
     folder: str
     weights: str
     prefix: str
-    optional_prefixes: tuple[str, ...] = ()
+    optional_keys: tuple[str, ...] = ()
 
 
 LAYOUTS: dict[str, ComponentLayout] = {
@@ -43,7 +52,7 @@ LAYOUTS: dict[str, ComponentLayout] = {
     ),
     "dcae": ComponentLayout("dcae", "music_dcae_f8c8", "diffusion_pytorch_model.safetensors", "vae.dcae."),
     "vocoder": ComponentLayout(
-        "vocoder", "music_vocoder", "diffusion_pytorch_model.safetensors", "vae.vocoder.", ("mel_transform.",)
+        "vocoder", "music_vocoder", "diffusion_pytorch_model.safetensors", "vae.vocoder.", tuple(MEL_BUFFERS)
     ),
     "text": ComponentLayout("text", "umt5-base", "model.safetensors", "text_encoders.umt5base.transformer."),
 }
@@ -71,19 +80,19 @@ class TensorSource:
 class AceStepModel:
     """Every loaded ACE-Step v1 component, with where and how it was loaded (spec §10)."""
 
-    transformer: torch.nn.Module | None
-    dcae: torch.nn.Module | None
-    vocoder: torch.nn.Module | None
-    text_encoder: Any
+    transformer: AceStepTransformer | None
+    dcae: DCAE | None
+    vocoder: Vocoder | None
+    text_encoder: TextEncoder | None
     dtype: torch.dtype
     device: torch.device
     source: Path
     layout: str
     lyric_vocab: str | os.PathLike | None = None
-    _lyric_tokenizer: Any = field(default=None, init=False, repr=False)
+    _lyric_tokenizer: LyricTokenizer | None = field(default=None, init=False, repr=False)
 
     @property
-    def lyric_tokenizer(self) -> Any:
+    def lyric_tokenizer(self) -> LyricTokenizer:
         """The lyric tokenizer, built on first use; raises the lyric module's clear error when no vocab is found (spec §5.1)."""
         if self._lyric_tokenizer is None:
             from .lyrics import LyricTokenizer, find_lyric_vocab
@@ -102,14 +111,25 @@ def load_acestep(
     components: Sequence[str] = ALL_COMPONENTS,
     lyric_vocab: str | os.PathLike | None = None,
     progress: ProgressFn | None = None,
+    configs: Mapping[str, Mapping] | None = None,
 ) -> AceStepModel:
-    """Load ACE-Step v1 from a folder, an all-in-one .safetensors file or a Hugging Face repo id (spec §10)."""
+    """Load ACE-Step v1 from a folder, an all-in-one .safetensors file or a Hugging Face repo id (spec §10).
+
+    `configs` maps a component name to config.json values that override the folder's (or, in the single-file
+    layout, supply what the shapes cannot tell, e.g. the transformer's head count); `progress(name, done, total)`
+    is called after each component.
+    """
     dtype = _check_dtype(dtype)
     device = torch.device(device)
     components = _check_components(components)
     path = resolve_checkpoint(path_or_repo, models_dir=models_dir, components=components)
     layout = detect_layout(path, components)
     sources = folder_sources(path, components) if layout == "folder" else single_file_sources(path, components)
+    for name, values in (configs or {}).items():
+        if name not in ALL_COMPONENTS:
+            raise ValueError(f"configs has an entry for {name!r}; components are {ALL_COMPONENTS}")
+        if name in sources:
+            sources[name].config = {**(sources[name].config or {}), **values}
     loaded: dict[str, Any] = {}
     for i, name in enumerate(components):
         loaded[name] = _BUILDERS[name](sources[name], path, layout, dtype, device)
@@ -188,11 +208,19 @@ def download_repo(repo_id: str, target: Path | None, components: Sequence[str]) 
             f"put the folders {', '.join(patterns)} at {where}"
         ) from exc
     except Exception as exc:
+        if not _is_network_error(exc):
+            raise
         raise ModelDownloadError(
             f"could not download {repo_id}: no network or Hugging Face offline mode ({type(exc).__name__}: {exc}); "
             f"put the folder at {where} with the sub-folders {', '.join(LAYOUTS[c].folder + '/' for c in components)}"
         ) from exc
     return Path(got)
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    """OSError family (connection, offline mode, cache miss) or an HTTP client library's own error type."""
+    module = type(exc).__module__.split(".")[0]
+    return isinstance(exc, OSError) or module in ("httpx", "httpx2", "requests", "urllib3", "huggingface_hub")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,7 +258,7 @@ def _refuse_non_safetensors(path: Path) -> None:
         )
 
 
-def _open(file: Path):
+def _open(file: Path) -> Any:
     """safe_open with a clear error naming the file when it is truncated or not safetensors."""
     try:
         return safe_open(str(file), framework="pt", device="cpu")
@@ -287,6 +315,14 @@ def single_file_sources(file: Path, components: Sequence[str]) -> dict[str, Tens
             f"{', '.join(LAYOUTS[c].prefix for c in missing)}); load it with components= the parts it has, "
             "or use a full checkpoint"
         )
+    known = tuple(layout.prefix for layout in LAYOUTS.values()) + (SPIECE_KEY,) + IGNORED_SINGLE_FILE_KEYS
+    stray = [k for k in shapes if not k.startswith(known)]
+    if stray:
+        warnings.warn(
+            f"{file}: ignoring {len(stray)} tensor(s) that belong to no ACE-Step component "
+            f"({', '.join(stray[:10])}{' ...' if len(stray) > 10 else ''})",
+            stacklevel=3,
+        )
     sources = {}
     for name in components:
         prefix = LAYOUTS[name].prefix
@@ -318,9 +354,7 @@ def _check_family(file: Path, shapes: Mapping[str, Sequence[int]]) -> None:
 def map_component_keys(name: str, file_keys: Sequence[str]) -> dict[str, str]:
     """Module state-dict key -> file key for one component, prefix already stripped (spec §10)."""
     if name == "vocoder":
-        from .models.vocoder import map_vocoder_keys
-
-        keys = map_vocoder_keys(list(file_keys))
+        keys = vocoder_key_map({k: k for k in file_keys})
     else:
         keys = {k: k for k in file_keys}
     if name == "text":
@@ -335,9 +369,30 @@ def map_component_keys(name: str, file_keys: Sequence[str]) -> dict[str, str]:
 # Building modules without allocating their weights, then assigning the tensors in the target dtype/device.
 
 
+_RANDOM_FILLS = frozenset(
+    getattr(torch.Tensor, name)
+    for name in ("normal_", "uniform_", "log_normal_", "exponential_", "cauchy_", "geometric_", "random_", "bernoulli_")
+)
+
+
+class _SkipRandomInitOnMeta(TorchFunctionMode):
+    """Initialisers are no-ops on meta tensors (torch runs meta normal_ through a slow reference path)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _RANDOM_FILLS or getattr(func, "__module__", None) == "torch.nn.init":
+            target = args[0] if args else kwargs.get("tensor")
+            if isinstance(target, torch.Tensor) and target.is_meta:
+                return target
+        return func(*args, **kwargs)
+
+
 @contextmanager
 def parameters_on_meta() -> Iterator[None]:
-    """Create every nn.Parameter on the meta device while inside; buffers (rope tables, mel filters) stay real."""
+    """Create every nn.Parameter on the meta device while inside; buffers (rope tables, mel filters) stay real.
+
+    It patches nn.Module.register_parameter for the duration, so build nothing else in other threads meanwhile.
+    """
     original = torch.nn.Module.register_parameter
 
     def register(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
@@ -347,7 +402,8 @@ def parameters_on_meta() -> Iterator[None]:
 
     torch.nn.Module.register_parameter = register
     try:
-        yield
+        with _SkipRandomInitOnMeta():
+            yield
     finally:
         torch.nn.Module.register_parameter = original
 
@@ -357,12 +413,12 @@ def assign_weights(
     source: TensorSource,
     dtype: torch.dtype,
     device: torch.device,
-    optional_prefixes: Sequence[str] = (),
+    optional_keys: Sequence[str] = (),
 ) -> torch.nn.Module:
     """Check keys/shapes against the module, then load_state_dict(strict, assign) tensor by tensor (spec §10)."""
     expected = module.state_dict()
     param_names = {n for n, _ in module.named_parameters(remove_duplicate=False)}
-    missing = [k for k in expected if k not in source.keys and not k.startswith(tuple(optional_prefixes))]
+    missing = [k for k in expected if k not in source.keys and k not in optional_keys]
     unexpected = [k for k in source.keys if k not in expected]
     if missing or unexpected:
         raise CheckpointError(f"{source.file}: keys do not match the model: {_key_report(missing, unexpected)}")
@@ -393,7 +449,7 @@ def assign_weights(
     return module.eval().requires_grad_(False)
 
 
-def _read_tensor(f, file: Path, key: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _read_tensor(f: Any, file: Path, key: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """One tensor from an open safetensors file, converted straight to dtype (floating only) and device."""
     try:
         tensor = f.get_tensor(key)
@@ -405,17 +461,11 @@ def _read_tensor(f, file: Path, key: str, dtype: torch.dtype, device: torch.devi
 
 
 def materialize_buffers(module: torch.nn.Module, device: torch.device) -> None:
-    """Move every buffer (non-persistent ones included) to device; a buffer left on meta is an error."""
-    for sub_name, sub in module.named_modules():
-        for name, buf in list(sub._buffers.items()):
-            if buf is None:
-                continue
-            if buf.device.type == "meta":
-                raise CheckpointError(f"buffer {sub_name}.{name} was never computed (still on the meta device)")
-            sub._buffers[name] = buf.to(device)
-    leftover = [n for n, p in module.named_parameters() if p.device.type == "meta"]
-    if leftover:
-        raise CheckpointError(f"parameters not loaded (still on the meta device): {_key_report(leftover, [])}")
+    """Move every buffer (non-persistent ones included) to device; anything still on meta is an error."""
+    on_meta = [n for n, b in module.named_buffers() if b.is_meta] + [n for n, p in module.named_parameters() if p.is_meta]
+    if on_meta:
+        raise CheckpointError(f"tensors never loaded or computed (still on the meta device): {_key_report(on_meta, [])}")
+    module.to(device)
 
 
 def _key_report(missing: Sequence[str], unexpected: Sequence[str]) -> str:
@@ -432,40 +482,39 @@ def _key_report(missing: Sequence[str], unexpected: Sequence[str]) -> str:
 # Component builders: config from config.json or from shapes, module on meta, weights assigned.
 
 
-def _build_transformer(source: TensorSource, root: Path, layout: str, dtype: torch.dtype, device: torch.device):
+def _build_transformer(
+    source: TensorSource, root: Path, layout: str, dtype: torch.dtype, device: torch.device
+) -> AceStepTransformer:
     """The diffusion transformer with its lyric encoder (spec §2, §3)."""
-    from .models.transformer import AceStepTransformer, TransformerConfig
-
     config = _config_or_error(TransformerConfig.from_checkpoint, source)
     with parameters_on_meta():
         module = AceStepTransformer(config)
     return assign_weights(module, source, dtype, device)
 
 
-def _build_dcae(source: TensorSource, root: Path, layout: str, dtype: torch.dtype, device: torch.device):
+def _build_dcae(source: TensorSource, root: Path, layout: str, dtype: torch.dtype, device: torch.device) -> DCAE:
     """The Music-DCAE autoencoder (spec §6.2)."""
-    from .models.dcae import DCAE, DCAEConfig
-
     config = _config_or_error(DCAEConfig.from_checkpoint, source)
     with parameters_on_meta():
         module = DCAE(config)
     return assign_weights(module, source, dtype, device)
 
 
-def _build_vocoder(source: TensorSource, root: Path, layout: str, dtype: torch.dtype, device: torch.device):
+def _build_vocoder(source: TensorSource, root: Path, layout: str, dtype: torch.dtype, device: torch.device) -> Vocoder:
     """The ADaMoSHiFiGANV1 vocoder with its mel front end (spec §6.1, §6.3)."""
-    from .models.vocoder import Vocoder, VocoderConfig
-
     config = _config_or_error(VocoderConfig.from_checkpoint, source)
     with parameters_on_meta():
         module = Vocoder(config)
-    return assign_weights(module, source, dtype, device, LAYOUTS["vocoder"].optional_prefixes)
+    return assign_weights(module, source, dtype, device, LAYOUTS["vocoder"].optional_keys)
 
 
-def _build_text(source: TensorSource, root: Path, layout: str, dtype: torch.dtype, device: torch.device):
+def _build_text(
+    source: TensorSource, root: Path, layout: str, dtype: torch.dtype, device: torch.device
+) -> TextEncoder:
     """UMT5 encoder + tokenizer: tokenizer.json in the folder, the embedded SentencePiece bytes in the single file (spec §4)."""
-    from .text import TextEncoder, tokenizer_from_file, tokenizer_from_spiece, umt5_config_from_checkpoint
     from transformers import UMT5EncoderModel
+
+    from .text import TextEncoder, tokenizer_from_file, tokenizer_from_spiece, umt5_config_from_checkpoint
 
     config = _config_or_error(umt5_config_from_checkpoint, source)
     with parameters_on_meta():
@@ -499,8 +548,11 @@ def _read_spiece(file: Path) -> bytes:
 def _config_or_error(make: Callable[[Mapping | None, Mapping[str, Sequence[int]]], Any], source: TensorSource) -> Any:
     """Call XConfig.from_checkpoint(config, shapes), naming the file when the weights do not fit the config."""
     try:
-        return make(source.config, source.shapes)
-    except (ValueError, KeyError) as exc:
+        with _SkipRandomInitOnMeta():
+            return make(source.config, source.shapes)
+    except KeyError as exc:
+        raise CheckpointError(f"{source.file}: tensor {exc} is missing, so the model size cannot be read") from exc
+    except ValueError as exc:
         raise CheckpointError(f"{source.file}: {exc}") from exc
 
 
