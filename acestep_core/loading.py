@@ -132,7 +132,10 @@ def load_acestep(
             sources[name].config = {**(sources[name].config or {}), **values}
     loaded: dict[str, Any] = {}
     for i, name in enumerate(components):
-        loaded[name] = _BUILDERS[name](sources[name], path, layout, dtype, device)
+        if name == "text":
+            loaded[name] = _build_text_encoder(sources[name], path, layout, dtype, device)
+        else:
+            loaded[name] = build_component(name, sources[name], dtype, device)
         if progress is not None:
             progress(name, i + 1, len(components))
     return AceStepModel(
@@ -482,44 +485,41 @@ def _key_report(missing: Sequence[str], unexpected: Sequence[str]) -> str:
 # Component builders: config from config.json or from shapes, module on meta, weights assigned.
 
 
-def _build_transformer(
-    source: TensorSource, root: Path, layout: str, dtype: torch.dtype, device: torch.device
-) -> AceStepTransformer:
-    """The diffusion transformer with its lyric encoder (spec §2, §3)."""
-    config = _config_or_error(TransformerConfig.from_checkpoint, source)
+ConfigFn = Callable[[Mapping | None, Mapping[str, Sequence[int]]], Any]
+
+
+def component_classes(name: str) -> tuple[ConfigFn, Callable[[Any], torch.nn.Module]]:
+    """(config-from-checkpoint function, module class) of one component (spec §2, §4, §6)."""
+    if name == "text":
+        from transformers import UMT5EncoderModel
+
+        from .text import umt5_config_from_checkpoint
+
+        return umt5_config_from_checkpoint, UMT5EncoderModel
+    classes: dict[str, tuple[ConfigFn, Callable[[Any], torch.nn.Module]]] = {
+        "transformer": (TransformerConfig.from_checkpoint, AceStepTransformer),
+        "dcae": (DCAEConfig.from_checkpoint, DCAE),
+        "vocoder": (VocoderConfig.from_checkpoint, Vocoder),
+    }
+    return classes[name]
+
+
+def build_component(name: str, source: TensorSource, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """Config from config.json or shapes, module with its parameters on meta, weights assigned (spec §10)."""
+    make_config, make_module = component_classes(name)
+    config = _config_or_error(make_config, source)
     with parameters_on_meta():
-        module = AceStepTransformer(config)
-    return assign_weights(module, source, dtype, device)
+        module = make_module(config)
+    return assign_weights(module, source, dtype, device, LAYOUTS[name].optional_keys)
 
 
-def _build_dcae(source: TensorSource, root: Path, layout: str, dtype: torch.dtype, device: torch.device) -> DCAE:
-    """The Music-DCAE autoencoder (spec §6.2)."""
-    config = _config_or_error(DCAEConfig.from_checkpoint, source)
-    with parameters_on_meta():
-        module = DCAE(config)
-    return assign_weights(module, source, dtype, device)
-
-
-def _build_vocoder(source: TensorSource, root: Path, layout: str, dtype: torch.dtype, device: torch.device) -> Vocoder:
-    """The ADaMoSHiFiGANV1 vocoder with its mel front end (spec §6.1, §6.3)."""
-    config = _config_or_error(VocoderConfig.from_checkpoint, source)
-    with parameters_on_meta():
-        module = Vocoder(config)
-    return assign_weights(module, source, dtype, device, LAYOUTS["vocoder"].optional_keys)
-
-
-def _build_text(
+def _build_text_encoder(
     source: TensorSource, root: Path, layout: str, dtype: torch.dtype, device: torch.device
 ) -> TextEncoder:
     """UMT5 encoder + tokenizer: tokenizer.json in the folder, the embedded SentencePiece bytes in the single file (spec §4)."""
-    from transformers import UMT5EncoderModel
+    from .text import TextEncoder, tokenizer_from_file, tokenizer_from_spiece
 
-    from .text import TextEncoder, tokenizer_from_file, tokenizer_from_spiece, umt5_config_from_checkpoint
-
-    config = _config_or_error(umt5_config_from_checkpoint, source)
-    with parameters_on_meta():
-        model = UMT5EncoderModel(config)
-    assign_weights(model, source, dtype, device)
+    model = build_component("text", source, dtype, device)
     model.set_input_embeddings(model.shared)
     if layout == "folder":
         folder = root / LAYOUTS["text"].folder
@@ -545,7 +545,7 @@ def _read_spiece(file: Path) -> bytes:
     return data.numpy().tobytes()
 
 
-def _config_or_error(make: Callable[[Mapping | None, Mapping[str, Sequence[int]]], Any], source: TensorSource) -> Any:
+def _config_or_error(make: ConfigFn, source: TensorSource) -> Any:
     """Call XConfig.from_checkpoint(config, shapes), naming the file when the weights do not fit the config."""
     try:
         with _SkipRandomInitOnMeta():
@@ -555,10 +555,3 @@ def _config_or_error(make: Callable[[Mapping | None, Mapping[str, Sequence[int]]
     except ValueError as exc:
         raise CheckpointError(f"{source.file}: {exc}") from exc
 
-
-_BUILDERS = {
-    "transformer": _build_transformer,
-    "dcae": _build_dcae,
-    "vocoder": _build_vocoder,
-    "text": _build_text,
-}

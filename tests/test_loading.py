@@ -10,8 +10,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from acestep_core.errors import CheckpointError, ModelDownloadError
-from acestep_core.loading import ALL_COMPONENTS, LAYOUTS, load_acestep, materialize_buffers, parameters_on_meta
-from conftest import TINY_COMFY, TINY_FOLDER
+from acestep_core.loading import (
+    ALL_COMPONENTS,
+    LAYOUTS,
+    component_classes,
+    load_acestep,
+    map_component_keys,
+    materialize_buffers,
+    parameters_on_meta,
+)
+from conftest import REAL_KEYS, TINY_COMFY, TINY_FOLDER
 
 MODULES = {"transformer": "transformer", "dcae": "dcae", "vocoder": "vocoder", "text": "text_encoder"}
 TINY_TRANSFORMER_CONFIG = json.loads((TINY_FOLDER / "ace_step_transformer" / "config.json").read_text())
@@ -63,6 +71,37 @@ def test_folder_weights_equal_the_files(from_folder):
         prefix = "model." if component == "text" else ""
         for key, ref in load_file(str(file)).items():
             assert torch.equal(state[prefix + key], ref), f"{component}: {key}"
+
+
+REAL_KEY_FILES = {
+    "transformer": "ace_step_transformer.json",
+    "dcae": "music_dcae_f8c8.json",
+    "vocoder": "music_vocoder.json",
+    "text": "umt5_base_encoder.json",
+}
+
+
+@pytest.mark.parametrize(
+    "component, parametrized_names",
+    [(c, False) for c in ALL_COMPONENTS] + [("vocoder", True)],
+    ids=list(ALL_COMPONENTS) + ["vocoder-parametrizations"],
+)
+def test_real_key_lists_map_onto_modules_built_from_shapes_alone(component, parametrized_names):
+    """The single-file path (no config.json) on the real 3.5B names and shapes, built on meta."""
+    real = json.loads((REAL_KEYS / REAL_KEY_FILES[component]).read_text())["keys"]
+    if parametrized_names:
+        rename = {".weight_g": ".parametrizations.weight.original0", ".weight_v": ".parametrizations.weight.original1"}
+        real = {next((k[: -len(a)] + b for a, b in rename.items() if k.endswith(a)), k): v for k, v in real.items()}
+    if component == "text":
+        del real["encoder.embed_tokens.weight"]  # safetensors files keep one of the two tied names
+    keys = map_component_keys(component, list(real))
+    shapes = {k: tuple(real[v]) for k, v in keys.items()}
+    make_config, make_module = component_classes(component)
+    config = make_config(None, shapes)
+    with torch.device("meta"):
+        module = make_module(config)
+    built = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    assert built == shapes
 
 
 def test_bfloat16_load_has_bf16_params_and_no_fp32_weights():
