@@ -1,0 +1,35 @@
+"""ComfyUI node classes of the ACE-Step pack, and their registration tables.
+
+These are V1 node classes (INPUT_TYPES / RETURN_TYPES / FUNCTION), registered through NODE_CLASS_MAPPINGS: that
+path loads on every ComfyUI release (V3's comfy_api exists only from 0.3.48) and the classes import and run
+without ComfyUI at all, which is how the tests call them. ComfyUI itself is reached only through `bridge`.
+"""
+from .codec import AceStepDecode, AceStepEncode
+from .latents import AceStepAudio2Audio, AceStepEmptyLatent, AceStepExtend, AceStepRepaintRegion
+from .loaders import AceStepLoader, AceStepLoraLoader
+from .sampling import AceStepFlowEdit, AceStepSampler, AceStepSamplerOptions
+from .text import AceStepTextEncode
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "AceStepLoader": "ACE-Step Loader",
+    "AceStepLoraLoader": "ACE-Step LoRA Loader",
+    "AceStepTextEncode": "ACE-Step Text Encode",
+    "AceStepEmptyLatent": "ACE-Step Empty Latent",
+    "AceStepSampler": "ACE-Step Sampler",
+    "AceStepSamplerOptions": "ACE-Step Sampler Options",
+    "AceStepRepaintRegion": "ACE-Step Repaint Region",
+    "AceStepExtend": "ACE-Step Extend",
+    "AceStepAudio2Audio": "ACE-Step Audio2Audio",
+    "AceStepFlowEdit": "ACE-Step Flow Edit",
+    "AceStepEncode": "ACE-Step Encode Audio",
+    "AceStepDecode": "ACE-Step Decode",
+}
+
+NODE_CLASS_MAPPINGS = {
+    cls.__name__: cls
+    for cls in (
+        AceStepLoader, AceStepLoraLoader, AceStepTextEncode, AceStepEmptyLatent, AceStepSampler,
+        AceStepSamplerOptions, AceStepRepaintRegion, AceStepExtend, AceStepAudio2Audio, AceStepFlowEdit,
+        AceStepEncode, AceStepDecode,
+    )
+}

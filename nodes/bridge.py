@@ -1,0 +1,163 @@
+"""The only module that touches ComfyUI: progress, interrupt, device/dtype, memory, model folders, temp files.
+
+Every ComfyUI module (`comfy.utils`, `comfy.model_management`, `folder_paths`) is imported inside the function
+that needs it, so the pack imports and runs without ComfyUI; each function then falls back to plain PyTorch
+behaviour: no progress bar, no interrupt, cuda when available, folders from $ACESTEP_MODELS_DIR and ./models
+(integration spec §5, §6, §12).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import tempfile
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+MODELS_DIR_ENV = "ACESTEP_MODELS_DIR"
+ACE_STEP_CATEGORY = "ace_step"
+SAFETENSORS = ".safetensors"
+
+
+def comfy_module(name: str) -> ModuleType | None:
+    """A ComfyUI module (`comfy.utils`, `folder_paths`, ...) when running inside ComfyUI, else None."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# progress and interruption
+
+
+def check_interrupt() -> None:
+    """Raise ComfyUI's InterruptProcessingException when the user pressed Cancel (spec §6); no-op outside ComfyUI."""
+    mm = comfy_module("comfy.model_management")
+    if mm is not None:
+        mm.throw_exception_if_processing_interrupted()
+
+
+class Progress:
+    """A progress bar for the running node that checks for interruption at every update (spec §6)."""
+
+    def __init__(self, total: int):
+        utils = comfy_module("comfy.utils")
+        self._bar = utils.ProgressBar(int(total)) if utils is not None else None
+
+    def update(self, done: int, total: int) -> None:
+        """Report `done` of `total` units finished (one sampling step or codec chunk), then check for Cancel."""
+        if self._bar is not None:
+            self._bar.update_absolute(int(done), int(total))
+        check_interrupt()
+
+    def step_callback(self):
+        """A tasks callback `(index, total, x)` reporting step `index` as finished."""
+        return lambda index, total, x: self.update(index + 1, total)
+
+    def chunk_callback(self):
+        """An audio codec callback `(done, total)`."""
+        return lambda done, total: self.update(done, total)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# devices, dtypes and memory
+
+
+def default_device() -> torch.device:
+    """ComfyUI's compute device, else cuda when available, else cpu."""
+    mm = comfy_module("comfy.model_management")
+    if mm is not None:
+        return torch.device(mm.get_torch_device())
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the device runs it well (ComfyUI's should_use_bf16, else any cuda device), fp32 otherwise."""
+    if device.type == "cpu":
+        return torch.float32
+    mm = comfy_module("comfy.model_management")
+    if mm is not None:
+        return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.float32
+
+
+def free_memory(num_bytes: int, device: torch.device) -> None:
+    """Ask ComfyUI to unload its own models until `num_bytes` are free on `device` (spec §6); no-op elsewhere."""
+    mm = comfy_module("comfy.model_management")
+    if mm is not None and device.type != "cpu":
+        mm.free_memory(int(num_bytes), device)
+
+
+def empty_cache() -> None:
+    """Return cached accelerator memory to the driver (ComfyUI's soft_empty_cache, else torch's)."""
+    mm = comfy_module("comfy.model_management")
+    if mm is not None:
+        mm.soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model folders
+
+
+def _fallback_roots() -> list[Path]:
+    """Outside ComfyUI: $ACESTEP_MODELS_DIR (when set), then ./models."""
+    roots = []
+    env = os.environ.get(MODELS_DIR_ENV)
+    if env:
+        roots.append(Path(env).expanduser())
+    roots.append(Path.cwd() / "models")
+    return roots
+
+
+def register_ace_step_folder(folder_paths: ModuleType) -> None:
+    """Add models/ace_step to the `ace_step` category, keeping folders a user configured (spec §5); idempotent."""
+    default = os.path.join(folder_paths.models_dir, ACE_STEP_CATEGORY)
+    entry = folder_paths.folder_names_and_paths.get(ACE_STEP_CATEGORY)
+    if entry is None:
+        folder_paths.folder_names_and_paths[ACE_STEP_CATEGORY] = ([default], set(folder_paths.supported_pt_extensions))
+        return
+    folders, extensions = entry
+    if default not in folders:
+        folders.append(default)
+    if not extensions:
+        extensions.update(folder_paths.supported_pt_extensions)
+
+
+def model_folders(category: str) -> list[Path]:
+    """Folders of a model category: ComfyUI's (`ace_step`, `checkpoints`, `loras`), else the fallback roots.
+
+    Outside ComfyUI each root is searched itself and in its `<category>` sub-folder.
+    """
+    folder_paths = comfy_module("folder_paths")
+    if folder_paths is not None:
+        if category == ACE_STEP_CATEGORY:
+            register_ace_step_folder(folder_paths)
+        return [Path(p) for p in folder_paths.get_folder_paths(category)]
+    folders = []
+    for root in _fallback_roots():
+        folders.extend([root, root / category])
+    return folders
+
+
+def download_folder() -> Path:
+    """Where a Hugging Face repo id is downloaded: models/ace_step (ComfyUI), else the first fallback root."""
+    folder_paths = comfy_module("folder_paths")
+    if folder_paths is not None:
+        register_ace_step_folder(folder_paths)
+        return Path(folder_paths.models_dir) / ACE_STEP_CATEGORY
+    env = os.environ.get(MODELS_DIR_ENV)
+    return Path(env).expanduser() if env else Path.cwd() / "models" / ACE_STEP_CATEGORY
+
+
+def temp_folder() -> tuple[Path, str]:
+    """(folder, ui type) for preview files: ComfyUI's temp directory ("temp"), else a folder in the system temp."""
+    folder_paths = comfy_module("folder_paths")
+    if folder_paths is not None:
+        return Path(folder_paths.get_temp_directory()), "temp"
+    return Path(tempfile.gettempdir()) / "acestep_pack", "temp"

@@ -1,0 +1,74 @@
+"""The pack's one model cache: loaded ACE-Step models keyed by (resolved path, dtype, device) (integration spec §7).
+
+ComfyUI's own output cache forgets a node's result when the next prompt does not contain that node, so loader
+nodes return a cheap key (see `model.ModelHandle`) and the model itself lives here: several loader nodes, or
+several workflows, pointing at the same checkpoint share one model, and a key that is not cached (first use,
+after `clear()` or after eviction) is simply loaded again.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from . import bridge
+
+T = TypeVar("T")
+DEFAULT_CAPACITY = 2
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """What a loaded model depends on: the resolved checkpoint path, the dtype name and the device."""
+
+    path: str
+    dtype: str
+    device: str
+
+
+class ModelCache(Generic[T]):
+    """Least-recently-used map from ModelKey to a loaded model, holding at most `capacity` models."""
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._models: OrderedDict[ModelKey, T] = OrderedDict()
+        self._lock = threading.RLock()
+
+    def get(self, key: ModelKey, load: Callable[[], T]) -> T:
+        """The cached model for `key`, or `load()`'s result, cached (the least recently used one may be evicted)."""
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            evicted = False
+            while len(self._models) >= self.capacity:
+                self._models.popitem(last=False)
+                evicted = True
+            if evicted:
+                bridge.empty_cache()
+            model = load()
+            self._models[key] = model
+            return model
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._models
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def keys(self) -> list[ModelKey]:
+        """Cached keys, least recently used first."""
+        return list(self._models)
+
+    def clear(self) -> None:
+        """Drop every model and return the freed accelerator memory."""
+        with self._lock:
+            self._models.clear()
+        bridge.empty_cache()
+
+
+MODELS: ModelCache = ModelCache()

@@ -1,0 +1,119 @@
+"""Model files for the loader combos: ACE-Step checkpoints and LoRAs on disk, and name -> path (integration spec §5).
+
+A combo lists names relative to their model folder (with "/"); a name resolves only if the same listing holds
+it, so a crafted name can never point outside the model folders. Single .safetensors files are recognised by
+their header (read once per file version): checkpoints by the transformer's `genre_embedder` key, LoRAs by a
+`lora_A`/`lora_down` key. Folders in the Hugging Face layout (the four component sub-folders) and LoRA folders
+holding `pytorch_lora_weights.safetensors` are listed as one entry each.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import struct
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from ..acestep_core.loading import ALL_COMPONENTS, LAYOUTS
+from ..acestep_core.lora import OFFICIAL_FILENAME
+from . import bridge
+
+CHECKPOINT_FOLDERS = tuple(LAYOUTS[c].folder for c in ALL_COMPONENTS)
+CHECKPOINT_MARKERS = (b'"model.diffusion_model.genre_embedder.weight"',)
+LORA_MARKERS = (b".lora_A.", b".lora_down.", b'"lora_unet_')
+MAX_DEPTH = 4
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@functools.lru_cache(maxsize=4096)
+def _header_has(path: str, mtime_ns: int, size: int, markers: tuple[bytes, ...]) -> bool:
+    """Whether the safetensors JSON header of one file version contains any of `markers`."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > min(MAX_HEADER_BYTES, size):
+                return False
+            header = f.read(length)
+    except (OSError, struct.error):
+        return False
+    return any(m in header for m in markers)
+
+
+def _file_has(path: Path, markers: tuple[bytes, ...]) -> bool:
+    try:
+        stat = path.stat()
+    except OSError:
+        return False
+    return _header_has(str(path), stat.st_mtime_ns, stat.st_size, markers)
+
+
+def is_checkpoint_file(path: Path) -> bool:
+    """An all-in-one ACE-Step .safetensors file (ComfyUI layout)."""
+    return path.suffix == bridge.SAFETENSORS and _file_has(path, CHECKPOINT_MARKERS)
+
+
+def is_checkpoint_folder(path: Path) -> bool:
+    """A folder in the Hugging Face layout: the four component sub-folders."""
+    return all((path / name).is_dir() for name in CHECKPOINT_FOLDERS)
+
+
+def is_lora_file(path: Path) -> bool:
+    """A .safetensors file with LoRA keys."""
+    return path.suffix == bridge.SAFETENSORS and _file_has(path, LORA_MARKERS)
+
+
+def is_lora_folder(path: Path) -> bool:
+    """A folder as the official trainer saves it (pytorch_lora_weights.safetensors inside)."""
+    return (path / OFFICIAL_FILENAME).is_file()
+
+
+def scan(folders: Iterable[Path], file_ok: Callable[[Path], bool], folder_ok: Callable[[Path], bool]) -> dict[str, Path]:
+    """Name (relative path with "/") -> path of every matching file or folder; the first folder wins a name."""
+    found: dict[str, Path] = {}
+
+    def walk(base: Path, folder: Path, depth: int) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            name = path.relative_to(base).as_posix()
+            if entry.is_dir():
+                if folder_ok(path):
+                    found.setdefault(name, path)
+                elif depth < MAX_DEPTH:
+                    walk(base, path, depth + 1)
+            elif file_ok(path):
+                found.setdefault(name, path)
+
+    for base in folders:
+        if base.is_dir():
+            walk(base, base, 1)
+    return found
+
+
+def checkpoints() -> dict[str, Path]:
+    """ACE-Step checkpoints in the `ace_step` folders, then all-in-one files in `checkpoints`."""
+    found = scan(bridge.model_folders(bridge.ACE_STEP_CATEGORY), is_checkpoint_file, is_checkpoint_folder)
+    for name, path in scan(bridge.model_folders("checkpoints"), is_checkpoint_file, is_checkpoint_folder).items():
+        found.setdefault(name, path)
+    return found
+
+
+def loras() -> dict[str, Path]:
+    """LoRA files and official LoRA folders in the `loras` folders."""
+    return scan(bridge.model_folders("loras"), is_lora_file, is_lora_folder)
+
+
+def resolve(kind: str, name: str, listing: dict[str, Path]) -> Path:
+    """The path of a listed name; a ValueError naming the input and what is available otherwise."""
+    if name in listing:
+        return listing[name]
+    shown = ", ".join(sorted(listing)[:20]) or "nothing"
+    raise ValueError(
+        f"{kind} {name!r} is not in the model folders (found: {shown}); pick a listed name, or put the file there "
+        "and press R in the editor to refresh the list"
+    )

@@ -1,0 +1,119 @@
+"""Loader nodes: the checkpoint loader and the LoRA loader (both return an ACESTEP_MODEL handle)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ..acestep_core.loading import ALL_COMPONENTS, DEFAULT_REPO, download_repo
+from . import bridge, files
+from .model import DEVICES, DTYPES, LoraEntry, ModelHandle, choose_device, choose_dtype, make_key, model_for, read_lora
+from .wire import CATEGORY, MODEL
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def repo_path(repo_id: str) -> Path:
+    """The local folder of a Hugging Face repo id in the download folder, downloaded when missing."""
+    if not REPO_ID.match(repo_id):
+        raise ValueError(f"repo_id {repo_id!r} is not a Hugging Face repo id like {DEFAULT_REPO!r}; clear it to use checkpoint")
+    target = bridge.download_folder() / repo_id.split("/")[-1]
+    if files.is_checkpoint_folder(target):
+        return target
+    return download_repo(repo_id, target, ALL_COMPONENTS)
+
+
+class AceStepLoader:
+    DESCRIPTION = (
+        "Loads an ACE-Step v1 checkpoint (Hugging Face folder from models/ace_step, or the all-in-one file from "
+        "models/checkpoints). The model stays cached and is shared by every loader with the same checkpoint, dtype "
+        "and device."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The loaded ACE-Step model (transformer, audio codec, text encoder, lyric tokenizer).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "checkpoint": (sorted(files.checkpoints()), {
+                    "tooltip": "ACE-Step v1 checkpoint: a folder with ace_step_transformer/, music_dcae_f8c8/, "
+                               "music_vocoder/, umt5-base/ in models/ace_step, or ace_step_v1_3.5b.safetensors in "
+                               "models/checkpoints.",
+                }),
+                "dtype": (["auto", *DTYPES], {
+                    "default": "auto",
+                    "tooltip": "Weight precision. auto = bf16 on a GPU that supports it (the official setting), "
+                               "fp32 on CPU. fp16 can overflow.",
+                }),
+                "device": (list(DEVICES), {
+                    "default": "auto",
+                    "tooltip": "Where the model runs. auto = ComfyUI's device (the GPU when there is one).",
+                }),
+            },
+            "optional": {
+                "repo_id": ("STRING", {
+                    "default": "",
+                    "tooltip": f"Optional Hugging Face repo id (e.g. {DEFAULT_REPO}); downloaded once into "
+                               "models/ace_step/<name> and used instead of checkpoint. Leave empty to use checkpoint.",
+                }),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, checkpoint, repo_id=""):
+        if (repo_id or "").strip() or checkpoint in files.checkpoints():
+            return True
+        return f"checkpoint {checkpoint!r} is not in models/ace_step or models/checkpoints; pick one or set repo_id"
+
+    def load(self, checkpoint: str, dtype: str, device: str, repo_id: str = ""):
+        target = choose_device(device)
+        repo_id = (repo_id or "").strip()
+        path = repo_path(repo_id) if repo_id else files.resolve("checkpoint", checkpoint, files.checkpoints())
+        handle = ModelHandle(make_key(path, choose_dtype(dtype, target), target))
+        model_for(handle)
+        return (handle,)
+
+
+class AceStepLoraLoader:
+    DESCRIPTION = (
+        "Applies an ACE-Step LoRA (a .safetensors file or an official LoRA folder from models/loras) to the "
+        "model. Chain several to stack them; changing or removing a LoRA never reloads the checkpoint."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The same model with this LoRA added to its LoRA stack.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (MODEL, {"tooltip": "ACE-Step model from the loader (or another LoRA loader)."}),
+                "lora_name": (sorted(files.loras()), {
+                    "tooltip": "LoRA in models/loras: a .safetensors file or a folder holding "
+                               "pytorch_lora_weights.safetensors (the official trainer's output).",
+                }),
+                "strength": ("FLOAT", {
+                    "default": 1.0, "min": -3.0, "max": 3.0, "step": 0.01,
+                    "tooltip": "LoRA weight (official range -3..3; 0 turns the LoRA off).",
+                }),
+                "honour_alpha": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Off (official app and ComfyUI): apply strength x B.A and ignore the file's alpha. "
+                               "On: apply the training scale alpha/r (alpha/sqrt(r) for rsLoRA) as well. Must be the "
+                               "same on every stacked LoRA loader.",
+                }),
+            },
+        }
+
+    def load(self, model: ModelHandle, lora_name: str, strength: float, honour_alpha: bool):
+        if not isinstance(model, ModelHandle):
+            raise ValueError(f"model must come from the ACE-Step Loader node, got {type(model).__name__}")
+        if strength == 0:
+            return (model,)
+        weights = read_lora(files.resolve("lora_name", lora_name, files.loras()))
+        return (model.with_lora(LoraEntry(weights, float(strength), bool(honour_alpha))),)
