@@ -1,7 +1,6 @@
 """Tags and lyrics -> the tensors the transformer is conditioned on (spec §4, §5, §7.6 ERG-tag)."""
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, replace
 
@@ -66,9 +65,12 @@ def encode_conditioning(model, tags: str, lyrics: str, *, erg_tag: bool = True) 
     text_states, text_mask = model.text_encoder.encode([tags])
     text_erg = model.text_encoder.encode([tags], erg_tag_tau=ERG_TAU)[0] if erg_tag else None
 
-    tokenizer = model.lyric_tokenizer
-    ids, mask = tokenizer.encode_with_mask(lyrics)
-    unknown = tokenizer.unknown_structure_tags(lyrics) if lyrics.strip() else []
+    if lyrics:
+        tokenizer = model.lyric_tokenizer
+        ids, mask = tokenizer.encode_with_mask(lyrics)
+        unknown = tokenizer.unknown_structure_tags(lyrics)
+    else:  # instrumental: the official __call__ uses ids [0] with mask [0]; no vocabulary needed
+        ids, mask, unknown = [0], [0], []
     if unknown:
         warnings.warn(
             "lyrics: unknown structure tags " + ", ".join(unknown) + " are read by the model as [UNK] plus letters;"
@@ -86,11 +88,3 @@ def encode_conditioning(model, tags: str, lyrics: str, *, erg_tag: bool = True) 
         lyric_mask=lyric_mask,
         text_states_erg=text_erg,
     )
-
-
-def check_finite_scale(name: str, value: float) -> float:
-    """A guidance-like number must be a finite float."""
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
-    return value
