@@ -316,8 +316,8 @@ def extend(
     if left_frames and right_frames and left_frames + right_frames + source.shape[-1] > MAX_FRAMES:
         once = extend(transformer, cond, source, left_frames, 0, variance=variance, batch_size=batch_size,
                       options=options, noise=noise, callback=callback)
-        return extend(transformer, cond, once, 0, right_frames, variance=variance, batch_size=1 if once.shape[0] ==
-                      batch_size else batch_size, options=options, noise=noise, callback=callback)
+        return extend(transformer, cond, once, 0, right_frames, variance=variance, batch_size=batch_size,
+                      options=options, noise=noise, callback=callback)
     device, dtype = _model_dtype(transformer)
     src = _repeat(source.to(device, dtype), batch_size)
     t_src = src.shape[-1]
