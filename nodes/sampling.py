@@ -19,39 +19,17 @@ def _seed_input(tooltip: str) -> tuple:
     return ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True, "tooltip": tooltip})
 
 
-def _run_text2music(transformer, cond, source, mark, options, noise, callback, retake_variance):
-    return tasks.text2music(
-        transformer, cond, source.shape[-1], batch_size=source.shape[0], options=options, noise=noise,
-        retake_variance=retake_variance, callback=callback,
-    )
-
-
-def _run_repaint(transformer, cond, source, mark, options, noise, callback, retake_variance):
-    return tasks.repaint(
-        transformer, cond, source, mark["start_frame"], mark["end_frame"], variance=mark["variance"],
-        batch_size=source.shape[0], options=options, noise=noise, callback=callback,
-    )
-
-
-def _run_extend(transformer, cond, source, mark, options, noise, callback, retake_variance):
-    return tasks.extend(
-        transformer, cond, source, mark["left_frames"], mark["right_frames"], variance=mark["variance"],
-        batch_size=source.shape[0], options=options, noise=noise, callback=callback,
-    )
-
-
-def _run_audio2audio(transformer, cond, source, mark, options, noise, callback, retake_variance):
-    return tasks.audio2audio(
-        transformer, cond, source, ref_strength=mark["ref_strength"], batch_size=source.shape[0], options=options,
-        noise=noise, callback=callback,
-    )
-
-
+# task name -> core call; `mark` is the latent's task mark (text2music: {"retake_variance": v}), `common` the
+# batch_size / options / noise / callback shared by every task.
 RUNNERS = {
-    "text2music": _run_text2music,
-    "repaint": _run_repaint,
-    "extend": _run_extend,
-    "audio2audio": _run_audio2audio,
+    "text2music": lambda transformer, cond, source, mark, **common: tasks.text2music(
+        transformer, cond, source.shape[-1], retake_variance=mark["retake_variance"], **common),
+    "repaint": lambda transformer, cond, source, mark, **common: tasks.repaint(
+        transformer, cond, source, mark["start_frame"], mark["end_frame"], variance=mark["variance"], **common),
+    "extend": lambda transformer, cond, source, mark, **common: tasks.extend(
+        transformer, cond, source, mark["left_frames"], mark["right_frames"], variance=mark["variance"], **common),
+    "audio2audio": lambda transformer, cond, source, mark, **common: tasks.audio2audio(
+        transformer, cond, source, ref_strength=mark["ref_strength"], **common),
 }
 
 
@@ -122,8 +100,8 @@ class AceStepSampler:
                retake_variance: float = 0.0, retake_seed: int = 0):
         source = wire.samples_of(latent, "latent")
         cond = wire.check_conditioning(conditioning, "conditioning")
-        mark = wire.mark_of(latent)
-        task = mark["task"] if mark else "text2music"
+        mark = wire.mark_of(latent) or {"task": "text2music", "retake_variance": float(retake_variance)}
+        task = mark["task"]
         if retake_variance and task != "text2music":
             raise ValueError(
                 f"retake_variance only applies to a new song; this latent is marked for {task} "
@@ -139,8 +117,8 @@ class AceStepSampler:
         noise = _noise(transformer, latent, source.shape[0], seed, retake_seed)
         progress = bridge.Progress(steps)
         with torch.no_grad():
-            out = RUNNERS[task](transformer, cond, source, mark, settings, noise, progress.step_callback(),
-                                retake_variance)
+            out = RUNNERS[task](transformer, cond, source, mark, batch_size=source.shape[0], options=settings,
+                                noise=noise, callback=progress.step_callback())
         drop = ("noise_mask",) if out.shape[-1] != source.shape[-1] else ()
         return (wire.with_samples(latent, out, drop=drop),)
 
