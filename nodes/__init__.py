@@ -5,8 +5,10 @@ path loads on every ComfyUI release (V3's comfy_api exists only from 0.3.48) and
 without ComfyUI at all, which is how the tests call them. ComfyUI itself is reached only through `bridge`.
 """
 from .codec import AceStepDecode, AceStepEncode
+from .download import AceStepDownload
 from .latents import AceStepAudio2Audio, AceStepEmptyLatent, AceStepExtend, AceStepRepaintRegion
 from .loaders import AceStepLoader, AceStepLoraLoader
+from .preview import AceStepPreviewImage
 from .sampling import AceStepFlowEdit, AceStepSampler, AceStepSamplerOptions
 from .text import AceStepTextEncode
 
@@ -23,6 +25,8 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "AceStepFlowEdit": "ACE-Step Flow Edit",
     "AceStepEncode": "ACE-Step Encode Audio",
     "AceStepDecode": "ACE-Step Decode",
+    "AceStepPreviewImage": "ACE-Step Spectrogram Preview",
+    "AceStepDownload": "ACE-Step Download",
 }
 
 NODE_CLASS_MAPPINGS = {
@@ -30,6 +34,6 @@ NODE_CLASS_MAPPINGS = {
     for cls in (
         AceStepLoader, AceStepLoraLoader, AceStepTextEncode, AceStepEmptyLatent, AceStepSampler,
         AceStepSamplerOptions, AceStepRepaintRegion, AceStepExtend, AceStepAudio2Audio, AceStepFlowEdit,
-        AceStepEncode, AceStepDecode,
+        AceStepEncode, AceStepDecode, AceStepPreviewImage, AceStepDownload,
     )
 }

@@ -28,9 +28,13 @@ SOURCE_SECONDS = 2.0
 EDITOR_ONLY = {"Note", "MarkdownNote"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 # Native nodes: widget names in widgets_values order ("" = an editor-only value such as LoadAudio's player).
-NATIVE_WIDGETS = {"LoadAudio": ["audio", "", ""], "SaveAudio": ["filename_prefix"], "PreviewAudio": []}
+NATIVE_WIDGETS = {
+    "LoadAudio": ["audio", "", ""], "SaveAudio": ["filename_prefix"], "PreviewAudio": [],
+    "EmptyAceStepLatentAudio": ["seconds", "batch_size"],
+}
 # (class_type, input) -> value used when running on the tiny checkpoint.
 TINY_PROFILE = {
+    ("EmptyAceStepLatentAudio", "seconds"): 2.0,
     ("AceStepLoader", "checkpoint"): "acestep-v1-tiny",
     ("AceStepLoader", "repo_id"): "",
     ("AceStepLoader", "device"): "cpu",
@@ -175,6 +179,9 @@ class Run:
         inputs = {k: TINY_PROFILE.get((kind, k), v) for k, v in inputs.items()}
         if kind == "LoadAudio":
             self.outputs[node_id] = (source_tone(),)
+        elif kind == "EmptyAceStepLatentAudio":
+            frames = int(inputs["seconds"] * 44100 / 512 / 8)
+            self.outputs[node_id] = ({"samples": torch.zeros(inputs["batch_size"], 8, 16, frames), "type": "audio"},)
         elif kind in ("SaveAudio", "PreviewAudio"):
             self.saved[node_id] = inputs["audio"]
             self.outputs[node_id] = ()
@@ -225,8 +232,8 @@ def assert_length_fits_task(prompt: dict, run: Run, decoder: str, frames: int) -
     assert kind == "AceStepSampler"
     marker = prompt[producer(prompt, node_id, "latent")]
     task = marker["class_type"]
-    if task == "AceStepEmptyLatent":
-        assert frames == int(TINY_PROFILE[("AceStepEmptyLatent", "seconds")] * 44100 / SAMPLES_PER_FRAME)
+    if task in ("AceStepEmptyLatent", "EmptyAceStepLatentAudio"):
+        assert frames == int(TINY_PROFILE[(task, "seconds")] * 44100 / SAMPLES_PER_FRAME)
     elif task == "AceStepExtend":
         extra = sum(int(TINY_PROFILE[(task, k)] * 44100 / SAMPLES_PER_FRAME) for k in ("left_seconds", "right_seconds"))
         assert frames == source_frames + extra
