@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -436,26 +436,26 @@ def lrc_time(seconds: float) -> str:
     return f"[{centis // 6000:02d}:{centis // 100 % 60:02d}.{centis % 100:02d}]"
 
 
-def to_lrc(alignment: Alignment, *, gap: float = 2.0, keep_unsung: bool = False, title: str = "") -> str:
+def to_lrc(lines: Sequence[LineTiming], duration: float, *, gap: float = 2.0, keep_unsung: bool = False,
+           title: str = "") -> str:
     """LRC text: `[mm:ss.xx]line` per timed line, structure tags and unsung lines as `[#:...]` comments.
 
     `[#:...]` is the LRC comment tag (an ID tag players ignore). A line followed by more than `gap` seconds
     without singing gets an empty time tag at its end, so players clear it; `keep_unsung` times flagged lines too.
     """
-    total = alignment.duration
-    out = [f"[re:ACE-Step lyric timing (cross-attention)]", f"[length:{int(total // 60):02d}:{int(total % 60):02d}]"]
+    out = ["[re:ACE-Step lyric timing (cross-attention)]", f"[length:{int(duration // 60):02d}:{int(duration % 60):02d}]"]
     if title.strip():
         out.insert(0, f"[ti:{title.strip()}]")
-    timed = [line for line in alignment.lines if line.kind == "lyric" and (line.sung or keep_unsung)]
-    for line in alignment.lines:
+    timed = [line for line in lines if line.kind == "lyric" and (line.sung or keep_unsung)]
+    starts = [line.start for line in timed]
+    for line in lines:
         if line.kind == "structure":
             out.append(f"[#:{line.text.strip('[]')}]")
-        elif line not in timed:
+        elif line.kind != "lyric" or not (line.sung or keep_unsung):
             out.append(f"[#:not sung ({line.score:.2f}): {line.text}]")
         else:
             out.append(lrc_time(line.start) + line.text)
-            following = [n.start for n in timed if n.start > line.start]
-            next_start = min(following) if following else total
+            next_start = min((s for s in starts if s > line.start), default=duration)
             if next_start - line.end > gap:
                 out.append(lrc_time(line.end))
     return "\n".join(out) + "\n"

@@ -1,6 +1,7 @@
 """Lyric timing: attention collection during sampling, monotonic alignment, line scores, LRC and picture."""
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -116,7 +117,7 @@ def test_monotonic_path_takes_the_cheapest_monotone_route():
 def test_lrc_is_well_formed_with_comments_for_tags_and_unsung_lines():
     spans, att, _ = synthetic_song(skip=6, seed=3)
     alignment = lt.align_lines(att, spans)
-    text = lt.to_lrc(alignment, title="Neon")
+    text = lt.to_lrc(alignment.lines, alignment.duration, title="Neon")
     lines = text.strip().split("\n")
     assert all(LRC_LINE.match(x) or LRC_TAG.match(x) for x in lines), text
     assert "[#:verse]" in lines and "[#:chorus]" in lines
@@ -291,7 +292,7 @@ def test_generation_with_timing_gives_a_monotonic_lrc_inside_the_song(model):
     with torch.no_grad(), lt.collect_lyric_attention(model.transformer, cond) as collector:
         latent = tasks.text2music(model.transformer, cond, frames, options=tasks.SamplerOptions(steps=3), noise=noise)
     alignment = lt.align_lyrics(collector.result(), model.lyric_tokenizer, threshold=0.0)
-    text = lt.to_lrc(alignment)
+    text = lt.to_lrc(alignment.lines, alignment.duration)
     lines = text.strip().split("\n")
     assert all(LRC_LINE.match(x) or LRC_TAG.match(x) for x in lines), text
     times = [int(m[1]) * 60 + int(m[2]) + int(m[3]) / 100 for m in map(LRC_LINE.match, lines) if m]
@@ -303,3 +304,57 @@ def test_generation_with_timing_gives_a_monotonic_lrc_inside_the_song(model):
     image = lt.draw_alignment(alignment)
     assert image.shape[0] == 1 and image.shape[-1] == 3 and torch.isfinite(image).all()
     assert F.adaptive_avg_pool2d(image[0].permute(2, 0, 1), 1).sum() > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# the node (imported from the pack as ComfyUI imports it)
+
+
+@pytest.fixture(scope="module")
+def pack_nodes():
+    import importlib
+
+    from pack_loader import load_pack
+
+    pack = load_pack()
+    names = ("nodes.timing", "nodes.loaders", "nodes.model", "acestep_core.tasks", "acestep_core.noise",
+             "acestep_core.conditioning")
+    return [importlib.import_module(f"{pack.__name__}.{name}") for name in names]
+
+
+def test_timing_node_writes_lrc_lines_and_picture(pack_nodes, monkeypatch, tmp_path):
+    timing, loaders, node_model, ptasks, pnoise, pcond = pack_nodes
+    monkeypatch.setenv("ACESTEP_MODELS_DIR", str(TINY_FOLDER.parent))
+    monkeypatch.setenv("ACESTEP_LYRIC_VOCAB", str(VOCAB))
+    monkeypatch.chdir(tmp_path)
+    (handle,) = loaders.AceStepLoader().load(checkpoint=TINY_FOLDER.name, dtype="fp32", device="cpu")
+    loaded = node_model.model_for(handle)
+    cond = pcond.encode_conditioning(loaded, "pop", LYRICS)
+    noise = pnoise.SeededNoise([1], [2])
+    frames = ptasks.frames_for_seconds(5.0)
+
+    def run():
+        return ptasks.text2music(loaded.transformer, cond, frames, options=ptasks.SamplerOptions(steps=2), noise=noise)
+    with torch.no_grad():
+        samples, attention = timing.sample_collecting(True, loaded.transformer, cond, run)
+    assert timing.sample_collecting(False, loaded.transformer, cond, run)[1] is None
+    latent = {"samples": samples, "type": "audio", timing.TIMING_KEY: attention}
+    node = timing.AceStepLyricTiming()
+    out = node.time(model=handle, latent=latent, threshold=0.0, filename_prefix="songs/demo")
+    lrc, lines, image = out["result"]
+    saved = tmp_path / "output" / "songs" / "demo_00001.lrc"
+    assert out["ui"]["text"] == [str(saved)] and saved.read_text(encoding="utf-8") == lrc
+    assert all(LRC_LINE.match(x) or LRC_TAG.match(x) for x in lrc.strip().split("\n"))
+    entries = json.loads(lines)
+    assert [e["text"] for e in entries if e["kind"] == "lyric"] == [
+        "Neon lights they flicker bright", "Over the sleeping town", "Turn it up", "Sing along tonight"]
+    assert image.ndim == 4 and image.shape[0] == 1 and image.shape[-1] == 3
+    again = node.time(model=handle, latent=latent, threshold=0.5, filename_prefix="songs/demo")
+    assert (tmp_path / "output" / "songs" / "demo_00002.lrc").is_file() and again["result"][0]
+    assert isinstance(node.time(model=handle, latent=latent, threshold=0.5, filename_prefix=""), tuple)
+    with pytest.raises(ValueError, match="collect_lyric_timing"):
+        node.time(model=handle, latent={"samples": samples}, threshold=0.5, filename_prefix="")
+    with pytest.raises(ValueError, match="outside the output folder"):
+        node.time(model=handle, latent=latent, threshold=0.5, filename_prefix="../escape")
+    with pytest.raises(ValueError, match="frames"):
+        node.time(model=handle, latent={**latent, "samples": samples[..., :-1]}, threshold=0.5, filename_prefix="")
