@@ -7,6 +7,8 @@ from dataclasses import dataclass, replace
 import torch
 
 ERG_TAU = 0.01
+MAX_LYRIC_TOKENS = 4096
+"""Longest lyric id sequence given to the model: the official training truncation (spec §5.2 step 7, §11)."""
 
 
 @dataclass(frozen=True)
@@ -52,11 +54,36 @@ def _check_text(name: str, value: object) -> str:
     return value
 
 
+def truncate_lyric_ids(tokenizer, lyrics: str, ids: list[int], limit: int = MAX_LYRIC_TOKENS) -> list[int]:
+    """The first `limit` ids, with a warning naming the line where the cut falls (spec §5.2 step 7, §11).
+
+    The official inference has no maximum, but the model never saw more than 4096 lyric tokens in training and
+    the lyric encoder's attention grows with the square of the length, so longer lyrics are cut as in training.
+    """
+    if len(ids) <= limit:
+        return ids
+    used = 1  # [START]
+    lines = lyrics.split("\n")
+    for number, line in enumerate(lines, start=1):
+        stripped = line.strip()
+        used += len(tokenizer.encode(stripped)) - 1 if stripped else 1  # the line's ids and its [SPACE]
+        if used > limit:
+            break
+    warnings.warn(
+        f"lyrics are {len(ids)} tokens, past the {limit} the model was trained with; they are cut in line "
+        f"{number} of {len(lines)} ({stripped[:40]!r}) and the rest is ignored. Shorten the lyrics, or generate "
+        "the song in parts (extend) with the later lyrics",
+        stacklevel=3,
+    )
+    return ids[:limit]
+
+
 def encode_conditioning(model, tags: str, lyrics: str, *, erg_tag: bool = True) -> Conditioning:
     """Encode tags with UMT5 (and the ERG-tag variant) and tokenize lyrics, as the official pipeline.
 
     Empty lyrics are valid (instrumental): ids ``[0]`` with mask ``[0]``, as the official ``__call__``.
     Empty tags are encoded as the empty string (the model then sees only the end token) with a warning.
+    Lyrics past MAX_LYRIC_TOKENS are cut there with a warning (:func:`truncate_lyric_ids`).
     """
     tags = _check_text("tags", tags)
     lyrics = _check_text("lyrics", lyrics)
@@ -67,7 +94,8 @@ def encode_conditioning(model, tags: str, lyrics: str, *, erg_tag: bool = True) 
 
     if lyrics:
         tokenizer = model.lyric_tokenizer
-        ids, mask = tokenizer.encode_with_mask(lyrics)
+        ids = truncate_lyric_ids(tokenizer, lyrics, tokenizer.encode(lyrics))
+        mask = [1] * len(ids)
         unknown = tokenizer.unknown_structure_tags(lyrics)
     else:  # instrumental: the official __call__ uses ids [0] with mask [0]; no vocabulary needed
         ids, mask, unknown = [0], [0], []
