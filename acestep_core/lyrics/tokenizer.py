@@ -84,14 +84,21 @@ class LyricTokenizer:
 
     # -- public --------------------------------------------------------------------------------------
     def encode(self, lyrics: str) -> list[int]:
-        """Token ids: [START], then per line its ids and [SPACE]; an empty line is a lone [SPACE] (spec 5.2)."""
+        """Token ids: [START], then per line its ids and [SPACE]; an empty line is a lone [SPACE] (spec 5.2).
+
+        A line whose language needs a helper package that is missing (Japanese: cutlet) raises ImportError naming
+        the line and the pip command.
+        """
         if not isinstance(lyrics, str):
             raise ValueError(f"lyrics must be text, got {type(lyrics).__name__}")
         ids = [START_ID]
-        for line in lyrics.split("\n"):
+        for number, line in enumerate(lyrics.split("\n"), start=1):
             line = line.strip()
             if line:
-                ids += self._encode_line(line)
+                try:
+                    ids += self._encode_line(line)
+                except ImportError as err:  # a language helper that is not installed: say which line needs it
+                    raise ImportError(f"lyrics line {number} ({line[:40]!r}): {err}") from err
             ids.append(SEPARATOR_ID)
         return ids
 
