@@ -26,6 +26,10 @@ MEL_MIN = -11.0
 MEL_MAX = 3.0
 """Nominal log-mel range mapped to [−1, 1] for the DCAE (spec §6.1)."""
 
+MAX_SOURCE_SECONDS = 600.0
+"""Longest audio accepted for encoding (10 minutes). The model generates in 240 s windows, so repaint and extend
+only need the part around the edit; longer files are refused before any work instead of exhausting memory."""
+
 RESAMPLE_LOWPASS_WIDTH = 6
 RESAMPLE_ROLLOFF = 0.99
 RESAMPLE_MAX_KERNEL = 1 << 24
@@ -106,11 +110,24 @@ def resample(waveform: Tensor, orig_sr: int, new_sr: int) -> Tensor:
     return out.reshape(*waveform.shape[:-1], out.shape[-1])
 
 
+def check_source_duration(num_samples: int, sample_rate: int, name: str = "audio") -> float:
+    """Seconds of `num_samples` at `sample_rate`; a ValueError saying how to trim it past MAX_SOURCE_SECONDS."""
+    seconds = num_samples / _check_rate("sample_rate", sample_rate)
+    if seconds > MAX_SOURCE_SECONDS:
+        raise ValueError(
+            f"{name} is {seconds / 60:.1f} minutes long; ACE-Step encodes at most {MAX_SOURCE_SECONDS / 60:.0f} "
+            "minutes, since it generates in 240 s windows: trim it to the part you edit (for extend, the last "
+            "4 minutes are enough) and join the result back afterwards"
+        )
+    return seconds
+
+
 def prepare_audio(waveform: Tensor, sample_rate: int) -> Tensor:
     """Float audio [B, C, L] or [C, L] at any rate → stereo [B, 2, L'] at 44.1 kHz, spec §1.
 
     Mono is duplicated. More than two channels are folded down: channels 0 and 1 are front left/right (WAV/SMPTE
     order) and the mean of the remaining channels is added to both at −3 dB (×1/√2); no level normalisation.
+    Audio longer than MAX_SOURCE_SECONDS is refused before anything is computed.
     """
     if not isinstance(waveform, Tensor) or waveform.ndim not in (2, 3):
         shape = tuple(waveform.shape) if isinstance(waveform, Tensor) else type(waveform).__name__
@@ -120,6 +137,7 @@ def prepare_audio(waveform: Tensor, sample_rate: int) -> Tensor:
     if waveform.numel() == 0:
         raise ValueError(f"audio is empty (shape {tuple(waveform.shape)}); load a file with at least one sample")
     sample_rate = _check_rate("sample_rate", sample_rate)
+    check_source_duration(waveform.shape[-1], sample_rate)
     if not torch.isfinite(waveform).all():
         raise ValueError("audio contains NaN or infinite samples; clean or re-export the file")
     audio = waveform if waveform.ndim == 3 else waveform.unsqueeze(0)                   # [B, C, L]
