@@ -424,7 +424,10 @@ def assign_weights(
     missing = [k for k in expected if k not in source.keys and k not in optional_keys]
     unexpected = [k for k in source.keys if k not in expected]
     if missing or unexpected:
-        raise CheckpointError(f"{source.file}: keys do not match the model: {_key_report(missing, unexpected)}")
+        raise CheckpointError(
+            f"{source.file}: keys do not match the model: {_key_report(missing, unexpected)}; the file is incomplete "
+            "or belongs to another model - download the ACE-Step v1 checkpoint again"
+        )
     wrong = [
         f"{k}: file {list(source.shapes[k])} vs model {list(v.shape)}"
         for k, v in expected.items()
@@ -433,7 +436,8 @@ def assign_weights(
     if wrong:
         raise CheckpointError(
             f"{source.file}: {len(wrong)} tensor shape(s) do not match the model: {'; '.join(wrong[:10])}"
-            f"{' ...' if len(wrong) > 10 else ''}"
+            f"{' ...' if len(wrong) > 10 else ''}; the config.json beside it does not describe these weights, or "
+            "they belong to another model"
         )
     state: dict[str, torch.Tensor] = {}
     read: dict[str, torch.Tensor] = {}
