@@ -16,6 +16,7 @@ from . import tasks
 from .conditioning import Conditioning, encode_conditioning
 from .noise import NoiseSource, SeededNoise
 from .sampling.denoiser import GuidanceConfig
+from .validation import MemorySettings, call_explaining_oom
 
 TASKS = ("text2music", "retake", "repaint", "extend", "edit", "audio2audio")
 
@@ -79,8 +80,22 @@ def _frames(seconds: float) -> int:
     return int(seconds * audio_io.SAMPLE_RATE / audio_io.SAMPLES_PER_LATENT)
 
 
+def _song_seconds(r: Request) -> float:
+    """Length of the song a request works on (for the out-of-memory advice)."""
+    if r.task in ("text2music", "retake"):
+        return float(r.audio_duration)
+    audio, rate = (r.ref_audio, r.ref_sample_rate) if r.task == "audio2audio" else (r.src_audio, r.src_sample_rate)
+    seconds = audio.shape[-1] / rate if audio is not None and rate else 0.0
+    if r.task == "extend":
+        seconds += max(0.0, -r.repaint_start) + max(0.0, r.repaint_end - seconds)
+    return seconds
+
+
 def generate(model, request: Request, *, noise: NoiseSource | None = None, callback=None, decode: bool = True) -> Result:
-    """Run one request on a loaded model (spec §8). Without `noise`, the official seeded generators are used."""
+    """Run one request on a loaded model (spec §8). Without `noise`, the official seeded generators are used.
+
+    Running out of memory raises torch.OutOfMemoryError naming the settings that would fit (validation module).
+    """
     r = request
     if r.task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {r.task!r}")
@@ -91,30 +106,34 @@ def generate(model, request: Request, *, noise: NoiseSource | None = None, callb
     options = r.options()
     cond = encode_conditioning(model, r.prompt, r.lyrics, erg_tag=r.guidance.use_erg_tag)
     common = dict(batch_size=r.batch_size, options=options, noise=noise, callback=callback)
-    with torch.no_grad():
+    if r.task in ("text2music", "retake"):
+        if not (isinstance(r.audio_duration, (int, float)) and math.isfinite(r.audio_duration)):
+            raise ValueError(f"audio_duration must be a number of seconds, got {r.audio_duration!r}")
+        frames = tasks.frames_for_seconds(r.audio_duration)
+
+    def run_task() -> Tensor:
         if r.task in ("text2music", "retake"):
-            if not (isinstance(r.audio_duration, (int, float)) and math.isfinite(r.audio_duration)):
-                raise ValueError(f"audio_duration must be a number of seconds, got {r.audio_duration!r}")
-            frames = tasks.frames_for_seconds(r.audio_duration)
             variance = r.retake_variance if r.task == "retake" else 0.0
-            latents = tasks.text2music(transformer, cond, frames, retake_variance=variance, **common)
-        elif r.task == "audio2audio":
+            return tasks.text2music(transformer, cond, frames, retake_variance=variance, **common)
+        if r.task == "audio2audio":
             ref = _encode_source(model, r.ref_audio, r.ref_sample_rate, "a reference audio (ref_audio)")
-            latents = tasks.audio2audio(transformer, cond, ref, ref_strength=r.ref_audio_strength, **common)
-        elif r.task == "repaint":
-            src = _encode_source(model, r.src_audio, r.src_sample_rate, "a source audio (src_audio)")
+            return tasks.audio2audio(transformer, cond, ref, ref_strength=r.ref_audio_strength, **common)
+        src = _encode_source(model, r.src_audio, r.src_sample_rate, "a source audio (src_audio)")
+        if r.task == "repaint":
             start, end = _frames(r.repaint_start), _frames(r.repaint_end)
-            latents = tasks.repaint(transformer, cond, src, start, end, variance=r.retake_variance, **common)
-        elif r.task == "extend":
-            src = _encode_source(model, r.src_audio, r.src_sample_rate, "a source audio (src_audio)")
+            return tasks.repaint(transformer, cond, src, start, end, variance=r.retake_variance, **common)
+        if r.task == "extend":
             start, end = _frames(r.repaint_start), _frames(r.repaint_end)
             left, right = max(0, -start), max(0, end - src.shape[-1])
-            latents = tasks.extend(transformer, cond, src, left, right, variance=r.retake_variance, **common)
-        else:
-            src = _encode_source(model, r.src_audio, r.src_sample_rate, "a source audio (src_audio)")
-            target = encode_conditioning(model, r.edit_target_prompt, r.edit_target_lyrics, erg_tag=False)
-            edit = tasks.EditOptions(r.edit_n_min, r.edit_n_max, r.edit_n_avg)
-            latents = tasks.flow_edit(transformer, cond, target, src, edit=edit, **common)
+            return tasks.extend(transformer, cond, src, left, right, variance=r.retake_variance, **common)
+        target = encode_conditioning(model, r.edit_target_prompt, r.edit_target_lyrics, erg_tag=False)
+        edit = tasks.EditOptions(r.edit_n_min, r.edit_n_max, r.edit_n_avg)
+        return tasks.flow_edit(transformer, cond, target, src, edit=edit, **common)
+
+    memory = MemorySettings("generating", _song_seconds(r), r.batch_size, model.dtype, model.device,
+                            r.batch_branches)
+    with torch.no_grad():
+        latents = call_explaining_oom(run_task, memory)
         waveform = None
         if decode:
             waveform = audio_io.decode_latents(model.dcae, model.vocoder, latents, sample_rate=r.sample_rate).cpu()
