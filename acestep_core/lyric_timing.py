@@ -365,11 +365,23 @@ class Alignment:
         return json.dumps([line.as_dict() for line in self.lines], ensure_ascii=False, indent=1)
 
 
-def line_score(probabilities: np.ndarray, frames: np.ndarray, content: tuple[int, int]) -> float:
-    """1 − (mass on the line's tokens off its frames)/(mass on them along its frames), clipped to [0, 1]."""
+def normalise_rows(weights: np.ndarray) -> np.ndarray:
+    """Each frame's weights as a distribution over the tokens, floored at FLOOR (a frame with none is uniform)."""
+    rows = weights / np.maximum(weights.sum(axis=1, keepdims=True), 1e-30) + FLOOR
+    return rows / rows.sum(axis=1, keepdims=True)
+
+
+def above_baseline(probabilities: np.ndarray) -> np.ndarray:
+    """Attention minus each token's median over the song, clipped at 0: what a token gets beyond its usual share."""
+    return np.maximum(probabilities - np.median(probabilities, axis=0, keepdims=True), 0.0)
+
+
+def line_score(excess: np.ndarray, frames: np.ndarray, content: tuple[int, int]) -> float:
+    """1 − (excess attention on the line's tokens off its frames)/(along its frames), clipped to [0, 1]; `excess`
+    from :func:`above_baseline`."""
     if frames.size == 0:
         return 0.0
-    mass = probabilities[:, content[0]:content[1]].sum(axis=1)                   # [T]
+    mass = excess[:, content[0]:content[1]].sum(axis=1)                         # [T]
     inside = float(mass[frames].mean())
     rest = np.ones(mass.shape[0], dtype=bool)
     rest[frames] = False
@@ -380,6 +392,9 @@ def line_score(probabilities: np.ndarray, frames: np.ndarray, content: tuple[int
 def align_lines(weights: Tensor | np.ndarray, spans: list[LyricLine], *, threshold: float = DEFAULT_THRESHOLD,
                 skip_penalty: float = DEFAULT_SKIP_PENALTY, frame_rate: float = LATENT_RATE) -> Alignment:
     """Monotonic alignment of lyric tokens to frames on −log attention, then per-line times and scores.
+
+    The path runs on each token's attention relative to its own mean over the song (renormalised per frame), so
+    a token the model attends all song long (an attention sink) does not capture the path.
 
     `weights` [T, Ll] is one item's attention to the lyric tokens (any non-negative scale); lines whose score is
     below `threshold`, or that the path holds for fewer frames than half their tokens (faster than anyone sings),
@@ -394,9 +409,10 @@ def align_lines(weights: Tensor | np.ndarray, spans: list[LyricLine], *, thresho
         raise ValueError(f"skip_penalty must be a finite number >= 0, got {skip_penalty}")
     if spans and spans[-1].end > att.shape[1]:
         raise ValueError(f"the lyric lines need {spans[-1].end} tokens but the attention covers {att.shape[1]}")
-    probabilities = att / np.maximum(att.sum(axis=1, keepdims=True), 1e-30) + FLOOR
-    probabilities /= probabilities.sum(axis=1, keepdims=True)
-    path = monotonic_path(-np.log(probabilities), skip_penalty)
+    probabilities = normalise_rows(att)
+    path = monotonic_path(-np.log(normalise_rows(probabilities / probabilities.mean(axis=0, keepdims=True))),
+                          skip_penalty)
+    excess = above_baseline(probabilities)
     timings = []
     for line in spans:
         if line.kind == "blank":
@@ -410,7 +426,7 @@ def align_lines(weights: Tensor | np.ndarray, spans: list[LyricLine], *, thresho
             start, end = int(frames[0]), int(frames[-1]) + 1
         else:                                                                     # skipped: where the path jumped
             start = end = int(np.searchsorted(path, hi))
-        score = line_score(probabilities, frames, line.content)
+        score = line_score(excess, frames, line.content)
         held = frames.size >= max(1, (hi - lo) / 2)                              # at most ~2 tokens per frame
         timings.append(LineTiming(line.number, line.text, "lyric", start / frame_rate, end / frame_rate, score,
                                   held and score >= threshold))
