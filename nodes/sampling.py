@@ -6,6 +6,7 @@ import torch
 from ..acestep_core import tasks
 from ..acestep_core.noise import MAX_SEED, SeededNoise
 from ..acestep_core.sampling.denoiser import CFG_TYPES, GuidanceConfig
+from ..acestep_core.validation import MemorySettings, call_explaining_oom
 from . import bridge, wire
 from .model import ModelHandle, transformer_for
 from .wire import CATEGORY, COND, MODEL, OPTIONS
@@ -116,11 +117,22 @@ class AceStepSampler:
         transformer = transformer_for(model)
         noise = _noise(transformer, latent, source.shape[0], seed, retake_seed)
         progress = bridge.Progress(steps)
+        frames = source.shape[-1] + int(mark.get("left_frames", 0)) + int(mark.get("right_frames", 0))
+        memory = _memory_settings("sampling", transformer, frames, source.shape[0], settings.batch_branches)
         with torch.no_grad():
-            out = RUNNERS[task](transformer, cond, source, mark, batch_size=source.shape[0], options=settings,
-                                noise=noise, callback=progress.step_callback())
+            out = call_explaining_oom(
+                lambda: RUNNERS[task](transformer, cond, source, mark, batch_size=source.shape[0], options=settings,
+                                      noise=noise, callback=progress.step_callback()),
+                memory,
+            )
         drop = ("noise_mask",) if out.shape[-1] != source.shape[-1] else ()
         return (wire.with_samples(latent, out, drop=drop),)
+
+
+def _memory_settings(stage: str, transformer, frames: int, batch: int, batch_branches: bool) -> MemorySettings:
+    """What an out-of-memory message needs to suggest settings that would fit."""
+    p = next(transformer.parameters())
+    return MemorySettings(stage, wire.frames_to_seconds(frames), batch, p.dtype, p.device, batch_branches)
 
 
 class AceStepSamplerOptions:
@@ -269,7 +281,11 @@ class AceStepFlowEdit:
         transformer = transformer_for(model)
         noise = _noise(transformer, latent, source.shape[0], seed, seed)
         progress = bridge.Progress(steps)
+        memory = _memory_settings("editing", transformer, source.shape[-1], source.shape[0], options.batch_branches)
         with torch.no_grad():
-            out = tasks.flow_edit(transformer, src, tgt, source, edit=edit, batch_size=source.shape[0],
-                                  options=options, noise=noise, callback=progress.step_callback())
+            out = call_explaining_oom(
+                lambda: tasks.flow_edit(transformer, src, tgt, source, edit=edit, batch_size=source.shape[0],
+                                        options=options, noise=noise, callback=progress.step_callback()),
+                memory,
+            )
         return (wire.with_samples(latent, out),)

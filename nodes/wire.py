@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..acestep_core.audio import LATENT_RATE
+from ..acestep_core.audio import LATENT_RATE, check_source_duration
 from ..acestep_core.conditioning import Conditioning
 from ..acestep_core.noise import MAX_SEED
 from ..acestep_core.tasks import check_latent
@@ -107,6 +107,7 @@ def check_audio(audio: Any, name: str = "audio") -> tuple[torch.Tensor, int]:
     if not isinstance(waveform, torch.Tensor) or waveform.ndim != 3 or waveform.shape[-1] == 0:
         shape = tuple(waveform.shape) if isinstance(waveform, torch.Tensor) else type(waveform).__name__
         raise ValueError(f"{name} waveform must be a non-empty tensor [batch, channels, samples], got {shape}")
+    check_source_duration(waveform.shape[-1], int(audio["sample_rate"]), name)
     if not torch.isfinite(waveform).all():
         raise ValueError(f"{name} contains NaN or infinite samples; clean or re-export the file")
     return waveform, int(audio["sample_rate"])
