@@ -307,7 +307,7 @@ def monotonic_path(cost: np.ndarray, skip_penalty: float) -> np.ndarray:
     """
     frames, tokens = cost.shape
     ar = np.arange(tokens)
-    best = cost[0] + ar * skip_penalty
+    best = cost[0].astype(np.float64) + ar * skip_penalty
     back = np.empty((frames, tokens), dtype=np.int32)
     back[0] = -1
     for t in range(1, frames):
@@ -400,7 +400,7 @@ def align_lines(weights: Tensor | np.ndarray, spans: list[LyricLine], *, thresho
     below `threshold`, or that the path holds for fewer frames than half their tokens (faster than anyone sings),
     are flagged as not sung.
     """
-    att = np.asarray(weights.detach().cpu().numpy() if isinstance(weights, Tensor) else weights, dtype=np.float64)
+    att = np.asarray(weights.detach().cpu().numpy() if isinstance(weights, Tensor) else weights, dtype=np.float32)
     if att.ndim != 2 or att.shape[0] < 1 or att.shape[1] < 1 or not np.isfinite(att).all() or (att < 0).any():
         raise ValueError(f"weights must be finite non-negative attention [frames, lyric tokens], got {att.shape}")
     if not 0.0 <= threshold <= 1.0:
@@ -430,7 +430,7 @@ def align_lines(weights: Tensor | np.ndarray, spans: list[LyricLine], *, thresho
         held = frames.size >= max(1, (hi - lo) / 2)                              # at most ~2 tokens per frame
         timings.append(LineTiming(line.number, line.text, "lyric", start / frame_rate, end / frame_rate, score,
                                   held and score >= threshold))
-    return Alignment(tuple(timings), path, probabilities.astype(np.float32), tuple(spans), frame_rate)
+    return Alignment(tuple(timings), path, probabilities, tuple(spans), frame_rate)
 
 
 def align_lyrics(attention: LyricAttention, tokenizer, *, item: int = 0, threshold: float = DEFAULT_THRESHOLD,
