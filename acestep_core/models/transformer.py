@@ -22,6 +22,9 @@ PATCH_CHANNELS_PER_INPUT = 256
 CrossKV = list[tuple[Tensor, Tensor]]
 """Per block (key with RoPE, value), each [B, H, S, head_dim]: the cross-attention K/V of one encoder sequence."""
 
+QScale = float | Tensor
+"""ERG-diffusion query temperature: one float for the batch, or fp32 [B, 1, 1] (one per batch item)."""
+
 
 @dataclass(frozen=True)
 class TransformerConfig:
@@ -170,6 +173,13 @@ def _as_config_value(value: object) -> object:
     return tuple(value) if isinstance(value, list) else value
 
 
+def temper_queries(q: Tensor, scale: QScale | None) -> Tensor:
+    """q·τ in q's dtype, the product taken in fp32 when τ is per item (as the official in-place ×τ, spec §7.6)."""
+    if scale is None:
+        return q
+    return (q * scale).to(q.dtype)
+
+
 def timestep_features(timestep: Tensor, dim: int = 256) -> Tensor:
     """Sinusoidal features [B, dim] in fp32, cos half first, f_k = exp(−ln(10⁴)·k/(dim/2)) (spec §2.3)."""
     half = dim // 2
@@ -231,14 +241,14 @@ class LinearSelfAttention(nn.Module):
         self.to_v = nn.Linear(dim, dim)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
 
-    def forward(self, h: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, q_scale: float | None) -> Tensor:
-        """h [B,T,D], rope tables [T,hd], mask [B,1,T,1] (activation dtype) → [B,T,D]."""
-        q = self.to_q(h)
-        if q_scale is not None:
-            q = q * q_scale                                                    # ERG-diffusion (spec §7.6)
+    def forward(self, h: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, q_scale: QScale | None) -> Tensor:
+        """h [B,T,D], rope tables [T,hd], mask [B,1,T,1] (activation dtype; None = every frame valid) → [B,T,D]."""
+        q = temper_queries(self.to_q(h), q_scale)                              # ERG-diffusion (spec §7.6)
         q, k, v = (split_heads(t, self.heads) for t in (q, self.to_k(h), self.to_v(h)))  # [B, H, T, hd]
-        q, k = apply_rope(q, *rope) * mask, apply_rope(k, *rope) * mask
-        out = self.to_out[0](merge_heads(linear_attention(q, k, v * mask).to(h.dtype)))   # [B, T, D]
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if mask is not None:
+            q, k, v = q * mask, k * mask, v * mask
+        out = self.to_out[0](merge_heads(linear_attention(q, k, v).to(h.dtype)))   # [B, T, D]
         if out.dtype == torch.float16:
             out = out.clamp(-65504, 65504)                                     # as the official fp16 path
         return out
@@ -268,11 +278,9 @@ class CrossAttention(nn.Module):
         return k, split_heads(self.to_v(encoder_states), self.heads)
 
     def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], rope: tuple[Tensor, Tensor],
-                allowed: Tensor | None, q_scale: float | None) -> Tensor:
-        """x [B,T,D], kv from key_value, latent rope tables, allowed [B,T,S] bool → [B,T,D]."""
-        q = self.to_q(x)
-        if q_scale is not None:
-            q = q * q_scale                                                    # ERG-diffusion (spec §7.6)
+                allowed: Tensor | None, q_scale: QScale | None) -> Tensor:
+        """x [B,T,D], kv from key_value, latent rope tables, allowed [B,T,S] bool (None = all) → [B,T,D]."""
+        q = temper_queries(self.to_q(x), q_scale)                              # ERG-diffusion (spec §7.6)
         q = apply_rope(split_heads(q, self.heads), *rope)                      # [B, H, T, hd]
         out = masked_sdpa(q, *kv, allowed)                                     # [B, H, T, hd]
         return self.to_out[0](merge_heads(out))
@@ -300,11 +308,21 @@ class GLUMBConv(nn.Module):
         self.depth_conv = ConvUnit(2 * hidden, 2 * hidden, 3, groups=2 * hidden)
         self.point_conv = ConvUnit(hidden, dim, 1, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """[B, T, D] → [B, T, D]."""
+    def forward(self, x: Tensor, *, as_linear: bool = False) -> Tensor:
+        """[B, T, D] → [B, T, D]; `as_linear` runs the 1×1 convolutions as matrix products on [B, T, C]."""
+        if as_linear:
+            return self._forward_linear(x)
         u = F.silu(self.inverted_conv(x.transpose(1, 2)))                     # [B, 2H, T]
         a, g = self.depth_conv(u).chunk(2, dim=1)                              # [B, H, T] each
         return self.point_conv(a * F.silu(g)).transpose(1, 2)
+
+    def _forward_linear(self, x: Tensor) -> Tensor:
+        """The same GLUMBConv with F.linear for the 1×1 convolutions (GEMM kernels instead of conv kernels)."""
+        inverted, point = self.inverted_conv.conv, self.point_conv.conv
+        u = F.silu(F.linear(x, inverted.weight[..., 0], inverted.bias))       # [B, T, 2H]
+        u = self.depth_conv(u.transpose(1, 2)).transpose(1, 2)                 # [B, T, 2H]
+        a, g = u.chunk(2, dim=-1)                                              # [B, T, H] each
+        return F.linear(a * F.silu(g), point.weight[..., 0])                   # [B, T, D]
 
 
 class LinearTransformerBlock(nn.Module):
@@ -317,8 +335,9 @@ class LinearTransformerBlock(nn.Module):
         self.cross_attn = CrossAttention(dim, heads)
         self.ff = GLUMBConv(dim, ff_hidden)
 
-    def forward(self, x: Tensor, temb: Tensor, *, rope: tuple[Tensor, Tensor], latent_mask: Tensor,
-                cross_kv: tuple[Tensor, Tensor], cross_allowed: Tensor | None, q_scale: float | None) -> Tensor:
+    def forward(self, x: Tensor, temb: Tensor, *, rope: tuple[Tensor, Tensor], latent_mask: Tensor | None,
+                cross_kv: tuple[Tensor, Tensor], cross_allowed: Tensor | None, q_scale: QScale | None,
+                linear_ff: bool = False) -> Tensor:
         """x [B,T,D], temb [B,6D] → [B,T,D]."""
         modulation = self.scale_shift_table[None] + temb.view(x.shape[0], 6, -1)          # [B, 6, D]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)
@@ -326,7 +345,7 @@ class LinearTransformerBlock(nn.Module):
         x = x + gate_msa * self.attn(h, rope, latent_mask, q_scale)
         x = x + self.cross_attn(x, cross_kv, rope, cross_allowed, q_scale)
         h = rms_norm(x) * (1 + scale_mlp) + shift_mlp
-        return x + gate_mlp * self.ff(h)
+        return x + gate_mlp * self.ff(h, as_linear=linear_ff)
 
 
 class FinalLayer(nn.Module):
@@ -419,24 +438,29 @@ class AceStepTransformer(nn.Module):
         return [block.cross_attn.key_value(encoder_states, rope) for block in self.transformer_blocks]
 
     def decode(self, x: Tensor, attention_mask: Tensor | None, encoder_states: Tensor, encoder_mask: Tensor | None,
-               timestep: Tensor, *, erg_tau: float | None = None,
+               timestep: Tensor, *, erg_tau: float | Tensor | None = None,
                erg_layers: Collection[int] = ERG_DIFFUSION_LAYERS, controlnet_states: Tensor | None = None,
-               controlnet_scale: float = 1.0, cross_kv: CrossKV | None = None) -> Tensor:
+               controlnet_scale: float = 1.0, cross_kv: CrossKV | None = None, linear_ff: bool = False) -> Tensor:
         """Velocity [B,C,16,T] for latent x at timestep (= σ·1000) given encode's output (spec §2.3).
 
-        erg_tau scales attn.to_q and cross_attn.to_q in `erg_layers`; cross_kv (from `cross_kv`) skips
-        recomputing the encoder K/V; masks may be None for "all ones".
+        erg_tau scales attn.to_q and cross_attn.to_q in `erg_layers`: a float for the whole batch or a [B] tensor,
+        one temperature per item (1 = untempered), so tempered and plain guidance branches share one call;
+        cross_kv (from `cross_kv`) skips recomputing the encoder K/V; masks may be None for "all ones" (both None
+        skips the mask arithmetic and lets SDPA use its unmasked kernels); linear_ff runs the feed-forward 1×1
+        convolutions as matrix products. The last three are speed options with the same result up to rounding.
         """
         batch, frames = self._check_latent(x, "x")
         dtype, device = self.dtype, x.device
         bad = [i for i in erg_layers if not 0 <= i < self.config.num_layers]
         if bad:
             raise ValueError(f"erg_layers {sorted(bad)} out of range: the model has {self.config.num_layers} blocks")
+        unmasked = attention_mask is None and encoder_mask is None
         attention_mask = _check_mask(attention_mask, "attention_mask", batch, frames, device)
         if encoder_states.ndim != 3 or encoder_states.shape[0] != batch:
             raise ValueError(f"encoder_states must be [{batch}, S, D] (from encode), got {list(encoder_states.shape)}")
         encoder_mask = _check_mask(encoder_mask, "encoder_mask", batch, encoder_states.shape[1], device)
         timestep = _check_timestep(timestep, batch, device)
+        q_scale = _check_erg_tau(erg_tau, batch, device)
 
         emb = self.timestep_embedder(timestep_features(timestep).to(dtype))   # [B, D]
         temb = self.t_block(emb)                                               # [B, 6D]
@@ -455,12 +479,15 @@ class AceStepTransformer(nn.Module):
             cross_kv = self.cross_kv(encoder_states)
         elif len(cross_kv) != self.config.num_layers:
             raise ValueError(f"cross_kv must hold {self.config.num_layers} (k, v) pairs from cross_kv(), got {len(cross_kv)}")
-        latent_mask = attention_mask.to(dtype)[:, None, :, None]              # [B, 1, T, 1]
-        cross_allowed = (attention_mask[:, :, None] * encoder_mask[:, None, :]) == 1   # [B, T, S]
+        latent_mask = cross_allowed = None
+        if not unmasked:
+            latent_mask = attention_mask.to(dtype)[:, None, :, None]          # [B, 1, T, 1]
+            cross_allowed = (attention_mask[:, :, None] * encoder_mask[:, None, :]) == 1   # [B, T, S]
 
         for index, block in enumerate(self.transformer_blocks):
             h = block(h, temb, rope=rope, latent_mask=latent_mask, cross_kv=cross_kv[index],
-                      cross_allowed=cross_allowed, q_scale=erg_tau if index in erg_layers else None)
+                      cross_allowed=cross_allowed, q_scale=q_scale if index in erg_layers else None,
+                      linear_ff=linear_ff)
         return self.final_layer(h, emb)                                        # [B, C, 16, T]
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None, encoder_text_hidden_states: Tensor,
@@ -523,6 +550,18 @@ def _check_mask(mask: Tensor | None, name: str, batch: int, length: int, device:
     if tuple(mask.shape) != (batch, length):
         raise ValueError(f"{name} must be [{batch}, {length}], got {list(mask.shape)}")
     return mask.to(device=device, dtype=torch.float32)
+
+
+def _check_erg_tau(erg_tau: float | Tensor | None, batch: int, device: torch.device) -> QScale | None:
+    """A float τ passes through; a per-item τ [B] becomes fp32 [B, 1, 1] to broadcast over tokens and features."""
+    if erg_tau is None or not isinstance(erg_tau, Tensor):
+        return erg_tau
+    if erg_tau.ndim != 1 or erg_tau.shape[0] != batch or not erg_tau.is_floating_point():
+        raise ValueError(
+            f"erg_tau as a tensor must hold one float temperature per batch item, shape [{batch}], "
+            f"got {erg_tau.dtype} {list(erg_tau.shape)}"
+        )
+    return erg_tau.to(device=device, dtype=torch.float32)[:, None, None]
 
 
 def _check_timestep(timestep: Tensor | float, batch: int, device: torch.device) -> Tensor:
