@@ -37,7 +37,11 @@ class SamplerOptions:
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     oss_steps: tuple[int, ...] = ()
     shift: float = 3.0
-    batch_branches: bool = False  # fast path: guidance branches in one batched model call
+    batch_branches: bool = True  # fast path: guidance branches in one batched call (ERG as a per-item temperature)
+    reuse_cross_kv: bool = True  # fast path: each branch's cross-attention K/V once per generation, not per call
+    linear_ff: bool = True  # fast path: the feed-forward 1x1 convolutions as matrix products
+    skip_full_masks: bool = True  # fast path: no mask arithmetic when every frame and condition token is valid
+    compile: bool = False  # torch.compile the transformer blocks (the first calls compile them)
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -92,37 +96,65 @@ def encode_branches(transformer, cond: Conditioning, batch: int, guidance: Guida
     return Branches(mask, states, uncond, text_only, guidance.use_erg_diffusion)
 
 
-def make_predict(transformer, branches: Branches, *, batch_branches: bool = False):
+def make_predict(transformer, branches: Branches, options: SamplerOptions = SamplerOptions()):
     """The network side of guidance: velocity of each requested branch at (x, sigma) (spec §7.5).
 
-    Separate calls reproduce the official numbers; `batch_branches` stacks the branches without
-    ERG-diffusion into one call (the ERG-tempered unconditional branch always runs on its own).
+    With every fast option off this makes the official separate calls. `batch_branches` runs the requested
+    branches as one call, the ERG-diffusion temperature given per item; `reuse_cross_kv` computes the
+    cross-attention K/V of all branches once (on first use) and slices it; `skip_full_masks` drops the masks
+    when they are all ones (checked once); `linear_ff` is passed to the transformer; `compile` compiles its blocks.
     """
+    if options.compile:
+        from .fast import compile_blocks
 
-    def decode(x: Tensor, sigma: Tensor, states: Tensor, mask: Tensor, erg: bool) -> Tensor:
-        t = (sigma.to(torch.float32) * 1000).expand(x.shape[0]).to(x.device)
-        frames = torch.ones(x.shape[0], x.shape[-1], device=x.device, dtype=x.dtype)
-        return transformer.decode(x, frames, states, mask, t, erg_tau=ERG_TAU if erg else None)
+        compile_blocks(transformer)
+    present = [n for n, s in (("cond", branches.cond), ("text", branches.text), ("uncond", branches.uncond))
+               if s is not None]
+    tau = {n: ERG_TAU if n == "uncond" and branches.erg_diffusion else None for n in present}
+    full = options.skip_full_masks and bool((branches.mask == 1).all())
+    all_kv: list = []
+    per_item_tau: dict[tuple, Tensor] = {}
+
+    def rows(names: tuple[str, ...], t: Tensor) -> Tensor:
+        """The batch rows of `names` in a tensor stacked over `present`: a view when they are adjacent."""
+        b = branches.cond.shape[0]
+        idx = [present.index(n) for n in names]
+        if idx == list(range(idx[0], idx[0] + len(idx))):
+            return t[idx[0] * b:(idx[-1] + 1) * b]
+        return torch.cat([t[i * b:(i + 1) * b] for i in idx])
+
+    def kv_of(names: tuple[str, ...]):
+        if not options.reuse_cross_kv:
+            return None
+        if not all_kv:
+            states = torch.cat([getattr(branches, n) for n in present])
+            all_kv.extend(transformer.cross_kv(states))
+        return [(rows(names, k), rows(names, v)) for k, v in all_kv]
+
+    def decode(x: Tensor, sigma: Tensor, names: tuple[str, ...]) -> Tensor:
+        count = len(names)
+        xs = x.repeat(count, 1, 1, 1) if count > 1 else x
+        states = torch.cat([getattr(branches, n) for n in names]) if count > 1 else getattr(branches, names[0])
+        t = (sigma.to(torch.float32) * 1000).expand(xs.shape[0]).to(x.device)
+        taus = [tau[n] for n in names]
+        erg = taus[0] if count == 1 else None
+        if count > 1 and any(v is not None for v in taus):
+            key = (names, x.shape[0])
+            if key not in per_item_tau:
+                per_item = torch.tensor([1.0 if v is None else v for v in taus], dtype=torch.float32)
+                per_item_tau[key] = per_item.repeat_interleave(x.shape[0]).to(x.device)
+            erg = per_item_tau[key]
+        frames = mask = None
+        if not full:
+            frames = torch.ones(xs.shape[0], x.shape[-1], device=x.device, dtype=x.dtype)
+            mask = branches.mask.repeat(count, 1)
+        return transformer.decode(xs, frames, states, mask, t, erg_tau=erg, cross_kv=kv_of(names),
+                                  linear_ff=options.linear_ff)
 
     def predict(x: Tensor, sigma: Tensor, names: tuple[str, ...]) -> tuple[Tensor, ...]:
-        table = {
-            "cond": (branches.cond, False),
-            "text": (branches.text, False),
-            "uncond": (branches.uncond, branches.erg_diffusion),
-        }
-        if not batch_branches or len(names) == 1:
-            return tuple(decode(x, sigma, *table[n][:1], branches.mask, table[n][1]) for n in names)
-        plain = [n for n in names if not table[n][1]]
-        out: dict[str, Tensor] = {}
-        if plain:
-            b = x.shape[0]
-            states = torch.cat([table[n][0] for n in plain], 0)
-            v = decode(x.repeat(len(plain), 1, 1, 1), sigma, states, branches.mask.repeat(len(plain), 1), False)
-            out.update({n: v[i * b:(i + 1) * b] for i, n in enumerate(plain)})
-        for n in names:
-            if n not in out:
-                out[n] = decode(x, sigma, table[n][0], branches.mask, True)
-        return tuple(out[n] for n in names)
+        if not options.batch_branches or len(names) == 1:
+            return tuple(decode(x, sigma, (n,)) for n in names)
+        return decode(x, sigma, tuple(names)).chunk(len(names))
 
     return predict
 
@@ -142,7 +174,7 @@ def _run_sampler(
     noise: NoiseSource, callback: Callback | None,
 ) -> Tensor:
     """Sample from x over sigmas with the official guided velocity."""
-    predict = make_predict(transformer, branches, batch_branches=options.batch_branches)
+    predict = make_predict(transformer, branches, options)
     momentum = MomentumBuffer()
     n_steps = sigmas.numel() - 1  # the guidance interval is over N steps, Heun's 2N - 1 call index included
 
@@ -247,7 +279,7 @@ def _blend_loop(
     sigmas = official_sigmas(options.steps, options.shift)
     t = sigmas * 1000  # the official loop works from timesteps/1000
     n = options.steps
-    predict = make_predict(transformer, branches, batch_branches=options.batch_branches)
+    predict = make_predict(transformer, branches, options)
     momentum = MomentumBuffer()
     keep = mask == 0
     x = None
