@@ -205,7 +205,9 @@ class LyricAttentionCollector:
     def _record(self, index: int):
         def hook(module, args, output):
             _, (k, _), rope, allowed, q_scale = args
-            q = self._queries.pop(index)
+            q = self._queries.pop(index, None)
+            if q is None:
+                return
             if self._sigma is not None:
                 lo, hi = self.sigma_range
                 if not lo <= float(self._sigma[0]) <= hi:
@@ -223,12 +225,12 @@ class LyricAttentionCollector:
         """Batch rows of a call whose cross-attention keys are the conditional branch's: for the text and the
         lyric part, within MATCH_TOLERANCE of the conditional keys and nearer to them than to the ERG-tempered
         ones (which can differ by only ~1 %)."""
+        if k.shape[2] != self._keys_length:                                       # another prompt's sequence
+            return torch.empty(0, dtype=torch.long, device=k.device)
         if not self._reference:
             self._reference.update(self._reference_keys(k))
         ok = torch.ones(k.shape[0], dtype=torch.bool, device=k.device)
         for part, (ref, *others) in zip(self._segments(), self._reference[index]):
-            if k.shape[2] != self._keys_length or k.shape[1] != ref.shape[1]:
-                return torch.empty(0, dtype=torch.long, device=k.device)
             here = relative_distance(k[:, :, part], ref)
             ok &= here < MATCH_TOLERANCE
             for other in others:
