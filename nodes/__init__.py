@@ -8,9 +8,11 @@ from .codec import AceStepDecode, AceStepEncode
 from .download import AceStepDownload
 from .latents import AceStepAudio2Audio, AceStepEmptyLatent, AceStepExtend, AceStepRepaintRegion
 from .loaders import AceStepLoader, AceStepLoraLoader
+from .longform import AceStepLongForm
 from .preview import AceStepPreviewImage
 from .sampling import AceStepFlowEdit, AceStepSampler, AceStepSamplerOptions
 from .text import AceStepTextEncode
+from .timing import AceStepLyricTiming
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "AceStepLoader": "ACE-Step Loader",
@@ -27,6 +29,8 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "AceStepDecode": "ACE-Step Decode",
     "AceStepPreviewImage": "ACE-Step Spectrogram Preview",
     "AceStepDownload": "ACE-Step Download",
+    "AceStepLyricTiming": "ACE-Step Lyric Timing",
+    "AceStepLongForm": "ACE-Step Long Form",
 }
 
 NODE_CLASS_MAPPINGS = {
@@ -35,5 +39,6 @@ NODE_CLASS_MAPPINGS = {
         AceStepLoader, AceStepLoraLoader, AceStepTextEncode, AceStepEmptyLatent, AceStepSampler,
         AceStepSamplerOptions, AceStepRepaintRegion, AceStepExtend, AceStepAudio2Audio, AceStepFlowEdit,
         AceStepEncode, AceStepDecode, AceStepPreviewImage, AceStepDownload,
+        AceStepLyricTiming, AceStepLongForm,
     )
 }

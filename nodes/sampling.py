@@ -7,7 +7,7 @@ from ..acestep_core import tasks
 from ..acestep_core.noise import MAX_SEED, SeededNoise
 from ..acestep_core.sampling.denoiser import CFG_TYPES, GuidanceConfig
 from ..acestep_core.validation import MemorySettings, call_explaining_oom
-from . import bridge, wire
+from . import bridge, timing, wire
 from .model import ModelHandle, transformer_for
 from .wire import CATEGORY, COND, MODEL, OPTIONS
 
@@ -93,12 +93,17 @@ class AceStepSampler:
                 "retake_seed": _seed_input(
                     "Seed of the second noise: retake variations, the repainted region and the extension."
                 ),
+                "collect_lyric_timing": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Collect the lyric cross-attention while sampling, for ACE-Step Lyric Timing (the "
+                               "song is unchanged; needs compile off).",
+                }),
             },
         }
 
     def sample(self, model: ModelHandle, conditioning, latent: dict, seed: int, steps: int, scheduler: str,
                cfg_type: str, guidance_scale: float, omega_scale: float, options=None,
-               retake_variance: float = 0.0, retake_seed: int = 0):
+               retake_variance: float = 0.0, retake_seed: int = 0, collect_lyric_timing: bool = False):
         source = wire.samples_of(latent, "latent")
         cond = wire.check_conditioning(conditioning, "conditioning")
         mark = wire.mark_of(latent) or {"task": "text2music", "retake_variance": float(retake_variance)}
@@ -120,13 +125,16 @@ class AceStepSampler:
         frames = source.shape[-1] + int(mark.get("left_frames", 0)) + int(mark.get("right_frames", 0))
         memory = _memory_settings("sampling", transformer, frames, source.shape[0], settings.batch_branches)
         with torch.no_grad():
-            out = call_explaining_oom(
+            out, collected = timing.sample_collecting(collect_lyric_timing, transformer, cond, lambda: call_explaining_oom(
                 lambda: RUNNERS[task](transformer, cond, source, mark, batch_size=source.shape[0], options=settings,
                                       noise=noise, callback=progress.step_callback()),
                 memory,
-            )
-        drop = ("noise_mask",) if out.shape[-1] != source.shape[-1] else ()
-        return (wire.with_samples(latent, out, drop=drop),)
+            ))
+        drop = (("noise_mask",) if out.shape[-1] != source.shape[-1] else ()) + (timing.TIMING_KEY,)
+        result = wire.with_samples(latent, out, drop=drop)
+        if collected is not None:
+            result[timing.TIMING_KEY] = collected
+        return (result,)
 
 
 def _memory_settings(stage: str, transformer, frames: int, batch: int, batch_branches: bool) -> MemorySettings:
