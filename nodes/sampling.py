@@ -274,10 +274,18 @@ class AceStepFlowEdit:
                     "tooltip": "Noise draws averaged per edit step (more = smoother, slower).",
                 }),
             },
+            "optional": {
+                "collect_lyric_timing": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Collect the target lyrics' cross-attention while editing, for ACE-Step Lyric "
+                               "Timing (the result is unchanged; needs compile off).",
+                }),
+            },
         }
 
     def edit(self, model: ModelHandle, source_conditioning, target_conditioning, latent: dict, seed: int,
-             steps: int, guidance_scale: float, scheduler: str, n_min: float, n_max: float, n_avg: int):
+             steps: int, guidance_scale: float, scheduler: str, n_min: float, n_max: float, n_avg: int,
+             collect_lyric_timing: bool = False):
         source = wire.samples_of(latent, "latent")
         src = wire.check_conditioning(source_conditioning, "source_conditioning")
         tgt = wire.check_conditioning(target_conditioning, "target_conditioning")
@@ -291,9 +299,12 @@ class AceStepFlowEdit:
         progress = bridge.Progress(steps)
         memory = _memory_settings("editing", transformer, source.shape[-1], source.shape[0], options.batch_branches)
         with torch.no_grad():
-            out = call_explaining_oom(
+            out, collected = timing.sample_collecting(collect_lyric_timing, transformer, tgt, lambda: call_explaining_oom(
                 lambda: tasks.flow_edit(transformer, src, tgt, source, edit=edit, batch_size=source.shape[0],
                                         options=options, noise=noise, callback=progress.step_callback()),
                 memory,
-            )
-        return (wire.with_samples(latent, out),)
+            ))
+        result = wire.with_samples(latent, out, drop=(timing.TIMING_KEY,))
+        if collected is not None:
+            result[timing.TIMING_KEY] = collected
+        return (result,)

@@ -370,3 +370,31 @@ def test_timing_node_writes_lrc_lines_and_picture(pack_nodes, monkeypatch, tmp_p
         node.time(model=handle, latent=latent, threshold=0.5, filename_prefix="../escape")
     with pytest.raises(ValueError, match="frames"):
         node.time(model=handle, latent={**latent, "samples": samples[..., :-1]}, threshold=0.5, filename_prefix="")
+
+
+def test_sampler_and_flow_edit_nodes_collect_timing(pack_nodes, monkeypatch, tmp_path):
+    """The hook in the sampling nodes: timing rides on the output latent only when asked for."""
+    import importlib
+
+    timing, loaders = pack_nodes[0], pack_nodes[1]
+    pkg = timing.__name__.rsplit(".", 2)[0]
+    sampling = importlib.import_module(f"{pkg}.nodes.sampling")
+    text = importlib.import_module(f"{pkg}.nodes.text")
+    latents = importlib.import_module(f"{pkg}.nodes.latents")
+    monkeypatch.setenv("ACESTEP_MODELS_DIR", str(TINY_FOLDER.parent))
+    monkeypatch.setenv("ACESTEP_LYRIC_VOCAB", str(VOCAB))
+    monkeypatch.chdir(tmp_path)
+    (handle,) = loaders.AceStepLoader().load(checkpoint=TINY_FOLDER.name, dtype="fp32", device="cpu")
+    (cond,) = text.AceStepTextEncode().encode(model=handle, tags="pop", lyrics=LYRICS)
+    (empty,) = latents.AceStepEmptyLatent().make(seconds=3.0, batch_size=1)
+    common = dict(seed=1, steps=2, scheduler="euler", cfg_type="apg", guidance_scale=15.0, omega_scale=10.0)
+    (plain,) = sampling.AceStepSampler().sample(model=handle, conditioning=cond, latent=empty, **common)
+    (timed,) = sampling.AceStepSampler().sample(model=handle, conditioning=cond, latent=empty,
+                                                collect_lyric_timing=True, **common)
+    assert timing.TIMING_KEY not in plain and timing.TIMING_KEY in timed
+    assert torch.equal(plain["samples"], timed["samples"]), "collecting must not change the song"
+    (edited,) = sampling.AceStepFlowEdit().edit(
+        model=handle, source_conditioning=cond, target_conditioning=cond, latent=timed, seed=3, steps=2,
+        guidance_scale=15.0, scheduler="euler", n_min=0.0, n_max=1.0, n_avg=1, collect_lyric_timing=True)
+    lrc = timing.AceStepLyricTiming().time(model=handle, latent=edited, threshold=0.0, filename_prefix="")[0]
+    assert all(LRC_LINE.match(x) or LRC_TAG.match(x) for x in lrc.strip().split("\n"))
