@@ -11,6 +11,7 @@ from .loaders import AceStepLoader, AceStepLoraLoader
 from .longform import AceStepLongForm
 from .preview import AceStepPreviewImage
 from .sampling import AceStepFlowEdit, AceStepSampler, AceStepSamplerOptions
+from .stemgen import AceStepSinging2Accompaniment, AceStepStemGen, AceStepStemGenLoader
 from .text import AceStepTextEncode
 from .timing import AceStepLyricTiming
 
@@ -31,6 +32,9 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "AceStepDownload": "ACE-Step Download",
     "AceStepLyricTiming": "ACE-Step Lyric Timing",
     "AceStepLongForm": "ACE-Step Long Form",
+    "AceStepStemGenLoader": "ACE-Step StemGen Loader",
+    "AceStepStemGen": "ACE-Step StemGen",
+    "AceStepSinging2Accompaniment": "ACE-Step Singing2Accompaniment",
 }
 
 NODE_CLASS_MAPPINGS = {
@@ -39,6 +43,6 @@ NODE_CLASS_MAPPINGS = {
         AceStepLoader, AceStepLoraLoader, AceStepTextEncode, AceStepEmptyLatent, AceStepSampler,
         AceStepSamplerOptions, AceStepRepaintRegion, AceStepExtend, AceStepAudio2Audio, AceStepFlowEdit,
         AceStepEncode, AceStepDecode, AceStepPreviewImage, AceStepDownload,
-        AceStepLyricTiming, AceStepLongForm,
+        AceStepLyricTiming, AceStepLongForm, AceStepStemGenLoader, AceStepStemGen, AceStepSinging2Accompaniment,
     )
 }

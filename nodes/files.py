@@ -59,7 +59,7 @@ def is_checkpoint_folder(path: Path) -> bool:
 
 def is_lora_file(path: Path) -> bool:
     """A .safetensors file with LoRA keys."""
-    return path.suffix == bridge.SAFETENSORS and _file_has(path, LORA_MARKERS)
+    return path.suffix == bridge.SAFETENSORS and _file_has(path, LORA_MARKERS) and not _file_has(path, (b'"acestep_stemgen"',))
 
 
 def is_lora_folder(path: Path) -> bool:

@@ -135,7 +135,7 @@ def test_api_workflow_uses_known_nodes_and_valid_values(name):
             choices, options = declared[key]
             if isinstance(value, list):
                 continue
-            if isinstance(choices, list) and key not in ("checkpoint", "lora_name"):
+            if isinstance(choices, list) and key not in ("checkpoint", "lora_name", "control_name"):  # files on disk
                 assert value in choices, f"{node_id} {kind}.{key}={value!r} not in {choices}"
             if "min" in options:
                 assert options["min"] <= value <= options["max"], f"{node_id} {kind}.{key}={value} out of range"
@@ -200,7 +200,11 @@ def producer(prompt: dict, node_id: str, name: str) -> str:
     return prompt[node_id]["inputs"][name][0]
 
 
-@pytest.mark.parametrize("name", NAMES)
+# These need a trained StemGen file and output audio directly; tests/test_stemgen.py runs them with one it trains.
+RUN_ELSEWHERE = {"acestep_stemgen", "acestep_singing2accompaniment"}
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in RUN_ELSEWHERE])
 def test_workflow_runs_and_makes_audio(name):
     prompt = load(API_DIR, name)
     run = Run(prompt).run()
