@@ -83,8 +83,9 @@ def test_repaint_region_outside_source(transformer, start, end):
 
 def test_flow_edit_batch_of_two(transformer):
     src = _source(9)
+    noise = SeededNoise.from_seeds([1, 5], 2, retake_seed=[2, 6])  # one seed per item (an int is repeated)
     out = tasks.flow_edit(transformer, _cond(0), _cond(1), src, edit=tasks.EditOptions(0.0, 1.0, 1), batch_size=2,
-                          options=FAST, noise=_noise(2))
+                          options=FAST, noise=noise)
     assert out.shape == (2, 8, 16, 9) and torch.isfinite(out).all()
     assert not torch.allclose(out[0], out[1]), "each item draws its own noise"
 
