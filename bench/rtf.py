@@ -453,6 +453,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         offloader.park(models.text_model, models.transformer, models.dcae, models.vocoder)
     inputs = make_inputs(models, args.prompt_tokens, args.lyric_tokens, args.seed)
     report = {"meta": _meta(args, argv, models, build_s), "results": [], "comparisons": []}
+    report["meta"]["settings_planned"] = len(args.seconds) * len(args.steps) * len(args.batch)
     variants = ["eager", "fast"] if args.compare else ["eager"] if args.eager else ["fast"]
     print(f"{models.source} on {report['meta']['device_name']} ({report['meta']['dtype']}), built in {build_s:.1f} s",
           flush=True)
