@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -109,8 +109,8 @@ def random_models(
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     t, d, v, u = (materialize_random(m, device, dtype, generator) for m in modules)
-    return Models(t, d, v, u, device, dtype, "random weights, real configuration" if transformer ==
-                  TransformerConfig() else "random weights, reduced configuration")
+    size = "real" if transformer == TransformerConfig() else "reduced"
+    return Models(t, d, v, u, device, dtype, f"random weights, {size} configuration")
 
 
 def materialize_random(module: nn.Module, device: torch.device, dtype: torch.dtype,

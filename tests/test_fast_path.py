@@ -147,7 +147,7 @@ def test_glumbconv_as_linear_equals_conv(model):
 
 
 def _failing_above(monkeypatch, dcae, limit: int) -> list[int]:
-    """Make dcae.decode raise torch.OutOfMemoryError on windows longer than `limit` frames; returns the lengths tried."""
+    """dcae.decode raising torch.OutOfMemoryError on windows over `limit` frames; returns the lengths tried."""
     tried: list[int] = []
     original = dcae.decode
 
