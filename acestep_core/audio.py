@@ -1,4 +1,4 @@
-"""Audio ⇄ latent conversion of ACE-Step v1: resampling, input preparation, DCAE encode and decode (spec §1, §6)."""
+"""Audio ⇄ latent conversion of ACE-Step v1: resampling, input preparation, DCAE encode and decode (design §1, §6)."""
 from __future__ import annotations
 
 import functools
@@ -13,18 +13,18 @@ from .models.dcae import DCAE
 from .models.vocoder import LogMelSpectrogram, Vocoder
 
 SAMPLE_RATE = 44100
-"""Rate of the DCAE mel front end and of the vocoder output (spec §1)."""
+"""Rate of the DCAE mel front end and of the vocoder output (design §1)."""
 HOP = 512
 FRAMES_PER_LATENT = 8
 SAMPLES_PER_LATENT = HOP * FRAMES_PER_LATENT
 LATENT_RATE = SAMPLE_RATE / SAMPLES_PER_LATENT
-"""Latent frames per second: 10.7666015625 (spec §1)."""
+"""Latent frames per second: 10.7666015625 (design §1)."""
 SCALE = 0.1786
 SHIFT = -1.9091
-"""Latent normalisation `z = (e − SHIFT)·SCALE` (spec §1)."""
+"""Latent normalisation `z = (e − SHIFT)·SCALE` (design §1)."""
 MEL_MIN = -11.0
 MEL_MAX = 3.0
-"""Nominal log-mel range mapped to [−1, 1] for the DCAE (spec §6.1)."""
+"""Nominal log-mel range mapped to [−1, 1] for the DCAE (design §6.1)."""
 
 MAX_SOURCE_SECONDS = 600.0
 """Longest audio accepted for encoding (10 minutes). The model generates in 240 s windows, so repaint and extend
@@ -33,7 +33,7 @@ only need the part around the edit; longer files are refused before any work ins
 RESAMPLE_LOWPASS_WIDTH = 6
 RESAMPLE_ROLLOFF = 0.99
 RESAMPLE_MAX_KERNEL = 1 << 24
-"""Largest sinc kernel (elements) we build; rates without a small common ratio are refused (spec §1)."""
+"""Largest sinc kernel (elements) we build; rates without a small common ratio are refused (design §1)."""
 
 OVERLAP_WINDOW_FRAMES = 512
 """Official overlapped decode: DCAE window in latent frames (hop half of it, a quarter trimmed per inner edge)."""
@@ -47,21 +47,21 @@ Progress = Callable[[int, int], None]
 
 
 def seconds_to_latent_frames(seconds: float) -> int:
-    """Latent length for a duration: `int(seconds·44100/512/8)` (floor), spec §1."""
+    """Latent length for a duration: `int(seconds·44100/512/8)` (floor), design §1."""
     if not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"seconds must be a finite number >= 0, got {seconds!r}")
     return int(seconds * SAMPLE_RATE / HOP / FRAMES_PER_LATENT)
 
 
 def latent_frames_to_seconds(frames: int) -> float:
-    """Duration of `frames` latent frames: `frames·4096/44100` seconds, spec §1."""
+    """Duration of `frames` latent frames: `frames·4096/44100` seconds, design §1."""
     if not isinstance(frames, int) or frames < 0:
         raise ValueError(f"frames must be an int >= 0, got {frames!r}")
     return frames * SAMPLES_PER_LATENT / SAMPLE_RATE
 
 
 def latent_frames_for_samples(num_samples: int) -> int:
-    """Latent length that encoding `num_samples` samples at 44.1 kHz gives: `ceil(L/4096)`, spec §1."""
+    """Latent length that encoding `num_samples` samples at 44.1 kHz gives: `ceil(L/4096)`, design §1."""
     return -(-num_samples // SAMPLES_PER_LATENT)
 
 
@@ -75,7 +75,7 @@ def _check_rate(name: str, rate: object) -> int:
 
 @functools.lru_cache(maxsize=16)
 def _sinc_kernel(orig: int, new: int) -> tuple[Tensor, int]:
-    """Hann-windowed sinc filters [new, 1, 2·width + orig] in float64 and the half-width, for reduced rates (spec §1)."""
+    """Hann-windowed sinc filters [new, 1, 2·width + orig] in float64 and the half-width, for reduced rates (design §1)."""
     base = min(orig, new) * RESAMPLE_ROLLOFF
     width = math.ceil(RESAMPLE_LOWPASS_WIDTH * orig / base)
     if new * (2 * width + orig) > RESAMPLE_MAX_KERNEL:
@@ -93,7 +93,7 @@ def _sinc_kernel(orig: int, new: int) -> tuple[Tensor, int]:
 
 
 def resample(waveform: Tensor, orig_sr: int, new_sr: int) -> Tensor:
-    """Band-limited (Hann sinc, width 6, rolloff 0.99) resampling of [..., L] to `ceil(L·new/orig)` samples, spec §1."""
+    """Band-limited (Hann sinc, width 6, rolloff 0.99) resampling of [..., L] to `ceil(L·new/orig)` samples, design §1."""
     orig_sr, new_sr = _check_rate("orig_sr", orig_sr), _check_rate("new_sr", new_sr)
     if not isinstance(waveform, Tensor) or not waveform.is_floating_point() or waveform.ndim == 0:
         raise ValueError("audio to resample must be a floating-point tensor [..., samples]")
@@ -123,7 +123,7 @@ def check_source_duration(num_samples: int, sample_rate: int, name: str = "audio
 
 
 def prepare_audio(waveform: Tensor, sample_rate: int) -> Tensor:
-    """Float audio [B, C, L] or [C, L] at any rate → stereo [B, 2, L'] at 44.1 kHz, spec §1.
+    """Float audio [B, C, L] or [C, L] at any rate → stereo [B, 2, L'] at 44.1 kHz, design §1.
 
     Mono is duplicated. More than two channels are folded down: channels 0 and 1 are front left/right (WAV/SMPTE
     order) and the mean of the remaining channels is added to both at −3 dB (×1/√2); no level normalisation.
@@ -151,12 +151,12 @@ def prepare_audio(waveform: Tensor, sample_rate: int) -> Tensor:
 
 
 def normalise_mel(mel: Tensor) -> Tensor:
-    """Log-mel → DCAE input: `((m − MEL_MIN)/(MEL_MAX − MEL_MIN) − 0.5)/0.5`, no clipping (spec §6.1)."""
+    """Log-mel → DCAE input: `((m − MEL_MIN)/(MEL_MAX − MEL_MIN) − 0.5)/0.5`, no clipping (design §6.1)."""
     return ((mel - MEL_MIN) / (MEL_MAX - MEL_MIN) - 0.5) / 0.5
 
 
 def denormalise_mel(mel: Tensor) -> Tensor:
-    """DCAE output → log-mel: `(d·0.5 + 0.5)·(MEL_MAX − MEL_MIN) + MEL_MIN` (spec §6.1)."""
+    """DCAE output → log-mel: `(d·0.5 + 0.5)·(MEL_MAX − MEL_MIN) + MEL_MIN` (design §6.1)."""
     return (mel * 0.5 + 0.5) * (MEL_MAX - MEL_MIN) + MEL_MIN
 
 
@@ -196,7 +196,7 @@ def encode_audio(
     chunk_frames: int | None = None,
     callback: Progress | None = None,
 ) -> Tensor:
-    """Audio [B, C, L] / [C, L] at any rate → latents [B, 8, 16, ceil(L'/4096)] (official MusicDCAE.encode), spec §1.
+    """Audio [B, C, L] / [C, L] at any rate → latents [B, 8, 16, ceil(L'/4096)] (official MusicDCAE.encode), design §1.
 
     Resample to 44.1 kHz, right-pad with zeros to a multiple of 4096, log-mel per item (`vocoder.mel_transform`),
     normalise, DCAE encoder, `(e − SHIFT)·SCALE`; runs in the DCAE's dtype/device. `chunk_frames=None` is the
@@ -230,7 +230,7 @@ def encode_audio(
 
 
 def _vocode_overlapped(vocoder: Vocoder, mel: Tensor, step: Callable[[], None]) -> Tensor:
-    """Official overlapped vocoding of log-mel [C, 128, M] → [C, ≥ M·512] (spec §6.2, end)."""
+    """Official overlapped vocoding of log-mel [C, 128, M] → [C, ≥ M·512] (design §6.2, end)."""
     window_samples = VOCODER_WINDOW_FRAMES * HOP
     hop_samples = window_samples - 2 * VOCODER_OVERLAP_SAMPLES
     total_samples = mel.shape[-1] * HOP
@@ -267,7 +267,7 @@ def decode_latents(
     window_frames: int = OVERLAP_WINDOW_FRAMES,
     callback: Progress | None = None,
 ) -> Tensor:
-    """Latents [B, 8, 16, T] → float32 stereo waveform [B, 2, N] on the DCAE's device (official decode), spec §1, §6.
+    """Latents [B, 8, 16, T] → float32 stereo waveform [B, 2, N] on the DCAE's device (official decode), design §1, §6.
 
     `z/SCALE + SHIFT` → DCAE decoder → mel de-normalise → vocoder per stereo channel → resample to `sample_rate`
     if not 44.1 kHz (N = T·4096, or ceil(T·4096·sr/44100)). `overlapped=True` is the official `decode_overlap`:

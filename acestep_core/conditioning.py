@@ -1,4 +1,4 @@
-"""Tags and lyrics -> the tensors the transformer is conditioned on (spec §4, §5, §7.6 ERG-tag)."""
+"""Tags and lyrics -> the tensors the transformer is conditioned on (design §4, §5, §7.6 ERG-tag)."""
 from __future__ import annotations
 
 import warnings
@@ -8,7 +8,7 @@ import torch
 
 ERG_TAU = 0.01
 MAX_LYRIC_TOKENS = 4096
-"""Longest lyric id sequence given to the model: the official training truncation (spec §5.2 step 7, §11)."""
+"""Longest lyric id sequence given to the model: the official training truncation (design §5.2 step 7, §11)."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def _check_text(name: str, value: object) -> str:
 
 
 def truncate_lyric_ids(tokenizer, lyrics: str, ids: list[int], limit: int = MAX_LYRIC_TOKENS) -> list[int]:
-    """The first `limit` ids, with a warning naming the line where the cut falls (spec §5.2 step 7, §11).
+    """The first `limit` ids, with a warning naming the line where the cut falls (design §5.2 step 7, §11).
 
     The official inference has no maximum, but the model never saw more than 4096 lyric tokens in training and
     the lyric encoder's attention grows with the square of the length, so longer lyrics are cut as in training.

@@ -1,4 +1,4 @@
-"""Exception types shared by the loaders (spec §10)."""
+"""Exception types shared by the loaders (design §10)."""
 from __future__ import annotations
 
 

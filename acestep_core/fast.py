@@ -53,7 +53,7 @@ def decode_with_fallback(
     callback: Progress | None = None,
 ) -> Tensor:
     """`audio.decode_latents`, retried on out-of-memory: first as the official overlapped decode, then with the
-    DCAE window halved down to `min_window_frames`; then an OutOfMemoryError naming what would fit (spec §1, §6)."""
+    DCAE window halved down to `min_window_frames`; then an OutOfMemoryError naming what would fit (design §1, §6)."""
     device = next(dcae.parameters()).device
     while True:
         try:

@@ -1,4 +1,4 @@
-"""The one ACE-Step v1 checkpoint loader: Hugging Face folders or the ComfyUI all-in-one file, safetensors only (spec §10)."""
+"""The one ACE-Step v1 checkpoint loader: Hugging Face folders or the ComfyUI all-in-one file, safetensors only (design §10)."""
 from __future__ import annotations
 
 import json
@@ -37,7 +37,7 @@ ProgressFn = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class ComponentLayout:
-    """Where one component lives in each layout (spec §10.1 folder/file, §10.2 prefix)."""
+    """Where one component lives in each layout (design §10.1 folder/file, §10.2 prefix)."""
 
     name: str
     folder: str
@@ -68,7 +68,7 @@ _FOLDER_FILE_MARKERS = {
 
 @dataclass
 class TensorSource:
-    """One component's tensors: module key -> key in a safetensors file, plus the shapes (spec §10)."""
+    """One component's tensors: module key -> key in a safetensors file, plus the shapes (design §10)."""
 
     file: Path
     keys: dict[str, str]
@@ -78,7 +78,7 @@ class TensorSource:
 
 @dataclass
 class AceStepModel:
-    """Every loaded ACE-Step v1 component, with where and how it was loaded (spec §10)."""
+    """Every loaded ACE-Step v1 component, with where and how it was loaded (design §10)."""
 
     transformer: AceStepTransformer | None
     dcae: DCAE | None
@@ -93,7 +93,7 @@ class AceStepModel:
 
     @property
     def lyric_tokenizer(self) -> LyricTokenizer:
-        """The lyric tokenizer, built on first use; raises the lyric module's clear error when no vocab is found (spec §5.1)."""
+        """The lyric tokenizer, built on first use; raises the lyric module's clear error when no vocab is found (design §5.1)."""
         if self._lyric_tokenizer is None:
             from .lyrics import LyricTokenizer, find_lyric_vocab
 
@@ -113,7 +113,7 @@ def load_acestep(
     progress: ProgressFn | None = None,
     configs: Mapping[str, Mapping] | None = None,
 ) -> AceStepModel:
-    """Load ACE-Step v1 from a folder, an all-in-one .safetensors file or a Hugging Face repo id (spec §10).
+    """Load ACE-Step v1 from a folder, an all-in-one .safetensors file or a Hugging Face repo id (design §10).
 
     `configs` maps a component name to config.json values that override the folder's (or, in the single-file
     layout, supply what the shapes cannot tell, e.g. the transformer's head count); `progress(name, done, total)`
@@ -177,7 +177,7 @@ def _check_components(components: Sequence[str]) -> tuple[str, ...]:
 def resolve_checkpoint(
     path_or_repo: str | os.PathLike, *, models_dir: str | os.PathLike | None, components: Sequence[str]
 ) -> Path:
-    """A local path for a folder, a file or a repo id (downloaded when not on disk) (spec §10.1)."""
+    """A local path for a folder, a file or a repo id (downloaded when not on disk) (design §10.1)."""
     path = Path(path_or_repo).expanduser()
     if path.exists():
         return path
@@ -195,7 +195,7 @@ def resolve_checkpoint(
 
 
 def download_repo(repo_id: str, target: Path | None, components: Sequence[str]) -> Path:
-    """snapshot_download of only the component folders, into target (or the HF cache when None) (spec §10.1)."""
+    """snapshot_download of only the component folders, into target (or the HF cache when None) (design §10.1)."""
     import huggingface_hub
     from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -278,7 +278,7 @@ def _file_shapes(file: Path) -> dict[str, tuple[int, ...]]:
 
 
 def folder_sources(root: Path, components: Sequence[str]) -> dict[str, TensorSource]:
-    """Tensor sources of the HF folder layout: unprefixed keys and config.json per sub-folder (spec §10.1)."""
+    """Tensor sources of the HF folder layout: unprefixed keys and config.json per sub-folder (design §10.1)."""
     sources = {}
     for name in components:
         layout = LAYOUTS[name]
@@ -308,7 +308,7 @@ def _component_file(folder: Path, weights: str) -> Path:
 
 
 def single_file_sources(file: Path, components: Sequence[str]) -> dict[str, TensorSource]:
-    """Tensor sources of the ComfyUI all-in-one file: prefixes stripped, configs derived from shapes (spec §10.2)."""
+    """Tensor sources of the ComfyUI all-in-one file: prefixes stripped, configs derived from shapes (design §10.2)."""
     shapes = _file_shapes(file)
     _check_family(file, shapes)
     missing = [c for c in components if not any(k.startswith(LAYOUTS[c].prefix) for k in shapes)]
@@ -355,7 +355,7 @@ def _check_family(file: Path, shapes: Mapping[str, Sequence[int]]) -> None:
 
 
 def map_component_keys(name: str, file_keys: Sequence[str]) -> dict[str, str]:
-    """Module state-dict key -> file key for one component, prefix already stripped (spec §10)."""
+    """Module state-dict key -> file key for one component, prefix already stripped (design §10)."""
     if name == "vocoder":
         keys = vocoder_key_map({k: k for k in file_keys})
     else:
@@ -418,7 +418,7 @@ def assign_weights(
     device: torch.device,
     optional_keys: Sequence[str] = (),
 ) -> torch.nn.Module:
-    """Check keys/shapes against the module, then load_state_dict(strict, assign) tensor by tensor (spec §10)."""
+    """Check keys/shapes against the module, then load_state_dict(strict, assign) tensor by tensor (design §10)."""
     expected = module.state_dict()
     param_names = {n for n, _ in module.named_parameters(remove_duplicate=False)}
     missing = [k for k in expected if k not in source.keys and k not in optional_keys]
@@ -493,7 +493,7 @@ ConfigFn = Callable[[Mapping | None, Mapping[str, Sequence[int]]], Any]
 
 
 def component_classes(name: str) -> tuple[ConfigFn, Callable[[Any], torch.nn.Module]]:
-    """(config-from-checkpoint function, module class) of one component (spec §2, §4, §6)."""
+    """(config-from-checkpoint function, module class) of one component (design §2, §4, §6)."""
     if name == "text":
         from transformers import UMT5EncoderModel
 
@@ -509,7 +509,7 @@ def component_classes(name: str) -> tuple[ConfigFn, Callable[[Any], torch.nn.Mod
 
 
 def build_component(name: str, source: TensorSource, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """Config from config.json or shapes, module with its parameters on meta, weights assigned (spec §10)."""
+    """Config from config.json or shapes, module with its parameters on meta, weights assigned (design §10)."""
     make_config, make_module = component_classes(name)
     config = _config_or_error(make_config, source)
     with parameters_on_meta():
@@ -520,7 +520,7 @@ def build_component(name: str, source: TensorSource, dtype: torch.dtype, device:
 def _build_text_encoder(
     source: TensorSource, root: Path, layout: str, dtype: torch.dtype, device: torch.device
 ) -> TextEncoder:
-    """UMT5 encoder + tokenizer: tokenizer.json in the folder, the embedded SentencePiece bytes in the single file (spec §4)."""
+    """UMT5 encoder + tokenizer: tokenizer.json in the folder, the embedded SentencePiece bytes in the single file (design §4)."""
     from .text import TextEncoder, tokenizer_from_file, tokenizer_from_spiece
 
     model = build_component("text", source, dtype, device)
@@ -539,7 +539,7 @@ def _build_text_encoder(
 
 
 def _read_spiece(file: Path) -> bytes:
-    """The SentencePiece model bytes stored as a uint8 tensor in the all-in-one file (spec §10.2)."""
+    """The SentencePiece model bytes stored as a uint8 tensor in the all-in-one file (design §10.2)."""
     with _open(file) as f:
         if SPIECE_KEY not in f.keys():
             raise CheckpointError(f"{file}: no {SPIECE_KEY} tensor, so the UMT5 tokenizer cannot be built")

@@ -1,4 +1,4 @@
-"""Songs longer than the 240 s the model was trained on: overlapping windows chained through extend (spec §8).
+"""Songs longer than the 240 s the model was trained on: overlapping windows chained through extend (design §8).
 
 The song is cut into windows of at most `window` frames (≤ MAX_FRAMES). The first is text2music; each next one
 is an *extend* of the last `overlap` frames of the previous window (the official repaint/extend loop pins those

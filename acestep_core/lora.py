@@ -1,4 +1,4 @@
-"""LoRA for the ACE-Step transformer: read safetensors LoRA files, patch weights in place reversibly (spec §9).
+"""LoRA for the ACE-Step transformer: read safetensors LoRA files, patch weights in place reversibly (design §9).
 
 Scale semantics. The official pipeline (diffusers `load_lora_adapter` without the header metadata) and ComfyUI
 both apply ``ΔW = strength · B·A``: alpha and rsLoRA are ignored. That is the default here (parity with the
@@ -44,7 +44,7 @@ MAX_LISTED_PROBLEMS = 20
 
 @dataclass(frozen=True, eq=False)
 class LoraModule:
-    """One low-rank pair: ΔW = up @ down, with an optional per-module alpha (spec §9)."""
+    """One low-rank pair: ΔW = up @ down, with an optional per-module alpha (design §9)."""
 
     down: torch.Tensor  # A: [r, in] (Linear) or [r, in, *kernel] (Conv)
     up: torch.Tensor  # B: [out, r] (Linear) or [out, r, 1, ...] (Conv)
@@ -58,7 +58,7 @@ class LoraModule:
 
 @dataclass(frozen=True, eq=False)
 class LoraWeights:
-    """A parsed LoRA: per-module pairs keyed by module path (known prefixes stripped), plus header metadata (spec §9).
+    """A parsed LoRA: per-module pairs keyed by module path (known prefixes stripped), plus header metadata (design §9).
 
     Kohya-style entries keep their flat underscore name (e.g. ``transformer_blocks_0_attn_to_q``); they are
     resolved against the model's module names when applied.
@@ -78,7 +78,7 @@ class LoraWeights:
         source: str = "<memory>",
         fingerprint: tuple | None = None,
     ) -> LoraWeights:
-        """Parse `<prefix><module>.lora_A/lora_B/lora_down/lora_up.weight` and `.alpha` tensors (spec §9)."""
+        """Parse `<prefix><module>.lora_A/lora_B/lora_down/lora_up.weight` and `.alpha` tensors (design §9)."""
         modules = _parse_modules(tensors, source)
         _check_adapter_config(adapter_config, source)
         if fingerprint is None:
@@ -86,7 +86,7 @@ class LoraWeights:
         return cls(modules=modules, adapter_config=adapter_config, source=source, fingerprint=fingerprint)
 
     def scale(self, name: str, honour_alpha: bool) -> float:
-        """Factor on top of the strength: 1 (official), else alpha/r, or alpha/√r with rsLoRA (spec §9)."""
+        """Factor on top of the strength: 1 (official), else alpha/r, or alpha/√r with rsLoRA (design §9)."""
         if not honour_alpha:
             return 1.0
         module = self.modules[name]
@@ -104,7 +104,7 @@ class LoraWeights:
 
 
 def load_lora_file(path: str | Path) -> LoraWeights:
-    """Read a LoRA from a .safetensors file or a folder holding pytorch_lora_weights.safetensors (spec §9)."""
+    """Read a LoRA from a .safetensors file or a folder holding pytorch_lora_weights.safetensors (design §9)."""
     file = _resolve_lora_path(Path(path))
     header = _read_safetensors_header(file)
     metadata = header.get("__metadata__") or {}
@@ -120,7 +120,7 @@ def load_lora_file(path: str | Path) -> LoraWeights:
 
 
 def lora_signature(loras: Sequence[tuple[LoraWeights, float]], *, honour_alpha: bool = False) -> tuple:
-    """Hashable description of a LoRA set (file identities, strengths, scale mode); () means no change (spec §9).
+    """Hashable description of a LoRA set (file identities, strengths, scale mode); () means no change (design §9).
 
     Entries with strength 0 are left out: they do not change the model.
     """
@@ -160,13 +160,13 @@ class LoraPatch:
 def apply_loras(
     transformer: nn.Module, loras: Sequence[tuple[LoraWeights, float]], *, honour_alpha: bool = False
 ) -> LoraPatch:
-    """Add Σ strength·scale·B·A to each targeted weight in place; validates everything first (spec §9)."""
+    """Add Σ strength·scale·B·A to each targeted weight in place; validates everything first (design §9)."""
     plan = _plan(transformer, loras, honour_alpha)
     return _execute(plan, lora_signature(loras, honour_alpha=honour_alpha))
 
 
 class LoraState:
-    """The LoRA set currently applied to one transformer; `ensure` switches to another set (spec §9)."""
+    """The LoRA set currently applied to one transformer; `ensure` switches to another set (design §9)."""
 
     def __init__(self, transformer: nn.Module):
         self._transformer = weakref.ref(transformer)
@@ -217,7 +217,7 @@ def lora_state(transformer: nn.Module) -> LoraState:
 def ensure_loras(
     transformer: nn.Module, loras: Sequence[tuple[LoraWeights, float]], *, honour_alpha: bool = False
 ) -> LoraState:
-    """Make exactly `loras` applied to `transformer` (no work when that set is already applied) (spec §9)."""
+    """Make exactly `loras` applied to `transformer` (no work when that set is already applied) (design §9)."""
     state = lora_state(transformer)
     state.ensure(loras, honour_alpha=honour_alpha)
     return state

@@ -1,14 +1,14 @@
 """Lyric timing: when each lyric line is sung, read from the transformer's cross-attention during sampling.
 
 Every block's cross-attention lets each latent frame attend to the condition sequence [speaker | text | lyrics]
-(spec §2.3, §2.5). While a task samples, :func:`collect_lyric_attention` hooks the chosen blocks and averages,
+(design §2.3, §2.5). While a task samples, :func:`collect_lyric_attention` hooks the chosen blocks and averages,
 over heads, blocks and steps, the attention of the conditional branch from every frame to every lyric token
 (no second pass, nothing installed when off). :func:`align_lyrics` then finds a monotonic path of lyric tokens
 over the frames (dynamic programming on −log attention, tokens may be skipped at a cost), reads off each lyric
 line's start and end, scores how clearly the line's tokens were attended along its path, and flags lines below
 a threshold as probably not sung. :func:`to_lrc` writes an LRC file and :func:`draw_alignment` a picture.
 
-Lines follow the tokenizer (spec §5.2): ``[START]``, then per text line ``[lang]`` + its tokens + ``[SPACE]``
+Lines follow the tokenizer (design §5.2): ``[START]``, then per text line ``[lang]`` + its tokens + ``[SPACE]``
 (id 2, which also separates words inside a line), an empty line a lone ``[SPACE]``. A line that is only a
 structure tag (``[verse]``) is kept as an LRC comment and not timed.
 """
@@ -50,7 +50,7 @@ FLOOR = 1e-6
 
 @dataclass(frozen=True)
 class LyricLine:
-    """One line of the lyrics text and its tokens [start, end) in the lyric ids (spec §5.2)."""
+    """One line of the lyrics text and its tokens [start, end) in the lyric ids (design §5.2)."""
 
     number: int  # 0-based line number in the lyrics text
     text: str  # stripped
@@ -65,7 +65,7 @@ class LyricLine:
 
 
 def lyric_lines(tokenizer, lyrics: str, lyric_ids: Tensor | None = None) -> list[LyricLine]:
-    """Token span of every line of `lyrics`, checked against the ids the model saw (spec §5.2).
+    """Token span of every line of `lyrics`, checked against the ids the model saw (design §5.2).
 
     Lines past a truncation of `lyric_ids` (the 4096-token cap) are dropped.
     """
@@ -98,7 +98,7 @@ def lyric_lines(tokenizer, lyrics: str, lyric_ids: Tensor | None = None) -> list
 @dataclass(frozen=True)
 class LyricAttention:
     """Cross-attention of the conditional branch from latent frames to lyric tokens, averaged over heads, the
-    probed blocks and the decode calls of a sampling run (spec §2.5)."""
+    probed blocks and the decode calls of a sampling run (design §2.5)."""
 
     weights: Tensor  # [B, T, Ll] fp32 CPU: share of each frame's attention that goes to each lyric token
     lyrics: str
@@ -113,7 +113,7 @@ class LyricAttention:
 
 
 def timestep_from_features(features: Tensor) -> Tensor:
-    """Read t (= σ·1000) [B] back from the sinusoidal features [B, 2h] the transformer embeds (spec §2.3, step 1).
+    """Read t (= σ·1000) [B] back from the sinusoidal features [B, 2h] the transformer embeds (design §2.3, step 1).
 
     The lowest frequency f = 10⁴^(−(h−1)/h) keeps t·f below 0.11 rad, so atan2 gives t to the features' precision.
     """
@@ -130,7 +130,7 @@ def relative_distance(k: Tensor, ref: Tensor) -> Tensor:
 
 def lyric_attention_share(q: Tensor, k: Tensor, allowed: Tensor | None, lyric_start: int) -> Tensor:
     """Softmax cross-attention q [b,H,T,hd], k [b,H,S,hd] (mask `allowed` [b,T,S]) summed over the keys from
-    `lyric_start` on and averaged over heads: [b, T, S − lyric_start] fp32 (spec §2.5)."""
+    `lyric_start` on and averaged over heads: [b, T, S − lyric_start] fp32 (design §2.5)."""
     heads, scale = q.shape[1], q.shape[-1] ** -0.5
     total = torch.zeros(q.shape[0], q.shape[2], k.shape[2] - lyric_start, device=q.device, dtype=torch.float32)
     for h0 in range(0, heads, HEAD_CHUNK):
@@ -145,7 +145,7 @@ def lyric_attention_share(q: Tensor, k: Tensor, allowed: Tensor | None, lyric_st
 
 class LyricAttentionCollector:
     """Forward hooks on the cross-attention of chosen blocks that average the conditional branch's attention to
-    the lyric tokens (spec §2.5). Use :func:`collect_lyric_attention`; nothing runs while it is detached.
+    the lyric tokens (design §2.5). Use :func:`collect_lyric_attention`; nothing runs while it is detached.
 
     The conditional branch is recognised by its cross-attention keys, which equal the ones of `cond` encoded as
     every task encodes it (speaker zeros, real text and lyrics, no ERG); the unconditional and text-only
@@ -244,7 +244,7 @@ class LyricAttentionCollector:
     def _reference_keys(self, like: Tensor) -> dict[int, list[list[Tensor]]]:
         """Per probed block and segment: the keys of `cond` encoded as the tasks encode the conditional branch
         (speaker zeros, no ERG), then the ERG-tempered alternatives of that segment: the ERG-tag text states for
-        the text part, the ERG-lyric Conformer output for the lyric part (spec §2.3, §7.6)."""
+        the text part, the ERG-lyric Conformer output for the lyric part (design §2.3, §7.6)."""
         tr = self.transformer
         c = self.cond.to(like.device, tr.dtype)
         speaker = torch.zeros(1, tr.config.speaker_embedding_dim, device=like.device, dtype=tr.dtype)

@@ -1,4 +1,4 @@
-"""Where a generation's random numbers come from (spec §7.9, §8 draw order).
+"""Where a generation's random numbers come from (design §7.9, §8 draw order).
 
 The official pipeline keeps two lists of per-item generators, "manual" seeds (the base noise) and
 "retake" seeds (retake/repaint/extend noise, and every draw of flow-edit). Batched draws take one

@@ -1,7 +1,7 @@
 """One generation end to end with the official app's arguments: the CLI's engine and the parity tests' driver.
 
 ComfyUI users compose the same steps as separate nodes; this module only wires them for the shell and for
-scripts: conditioning -> source/reference encode -> task -> decode (spec §1, §8).
+scripts: conditioning -> source/reference encode -> task -> decode (design §1, §8).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ TASKS = ("text2music", "retake", "repaint", "extend", "edit", "audio2audio")
 
 @dataclass
 class Request:
-    """A generation, named as the official ``ACEStepPipeline.__call__`` names its arguments (spec §7.8)."""
+    """A generation, named as the official ``ACEStepPipeline.__call__`` names its arguments (design §7.8)."""
 
     task: str = "text2music"
     prompt: str = ""
@@ -92,7 +92,7 @@ def _song_seconds(r: Request) -> float:
 
 
 def generate(model, request: Request, *, noise: NoiseSource | None = None, callback=None, decode: bool = True) -> Result:
-    """Run one request on a loaded model (spec §8). Without `noise`, the official seeded generators are used.
+    """Run one request on a loaded model (design §8). Without `noise`, the official seeded generators are used.
 
     Running out of memory raises torch.OutOfMemoryError naming the settings that would fit (validation module).
     """

@@ -1,4 +1,4 @@
-"""The ACE-Step v1 tasks, each a small function around the shared samplers (spec §7, §8).
+"""The ACE-Step v1 tasks, each a small function around the shared samplers (design §7, §8).
 
 text2music / retake / audio2audio build a start latent and run a sampler over the guided velocity;
 repaint / extend run the official mask-blend loop; flow-edit is its own short sampler. All of them take
@@ -30,7 +30,7 @@ Callback = Callable[[int, int, Tensor], None]
 
 @dataclass(frozen=True)
 class SamplerOptions:
-    """How to sample: schedule, sampler and guidance (defaults of the official pipeline, spec §7.8)."""
+    """How to sample: schedule, sampler and guidance (defaults of the official pipeline, design §7.8)."""
 
     steps: int = 60
     scheduler: str = "euler"
@@ -59,7 +59,7 @@ class SamplerOptions:
 
 @dataclass
 class Branches:
-    """Encoder states of each guidance branch for a batch, computed once per generation (spec §7.5, §7.6)."""
+    """Encoder states of each guidance branch for a batch, computed once per generation (design §7.5, §7.6)."""
 
     mask: Tensor  # [B, S] the conditional encoder mask, reused by every branch (official)
     cond: Tensor  # [B, S, D]
@@ -73,7 +73,7 @@ def _repeat(t: Tensor, batch: int) -> Tensor:
 
 
 def encode_branches(transformer, cond: Conditioning, batch: int, guidance: GuidanceConfig, *, need_uncond: bool) -> Branches:
-    """Run the condition encoder for the conditional, unconditional and text-only branches (spec §7.5, §7.6)."""
+    """Run the condition encoder for the conditional, unconditional and text-only branches (design §7.5, §7.6)."""
     p = next(transformer.parameters())
     c = cond.to(p.device, p.dtype)
     text, text_mask = _repeat(c.text_states, batch), _repeat(c.text_mask, batch)
@@ -97,7 +97,7 @@ def encode_branches(transformer, cond: Conditioning, batch: int, guidance: Guida
 
 
 def make_predict(transformer, branches: Branches, options: SamplerOptions = SamplerOptions()):
-    """The network side of guidance: velocity of each requested branch at (x, sigma) (spec §7.5).
+    """The network side of guidance: velocity of each requested branch at (x, sigma) (design §7.5).
 
     With every fast option off this makes the official separate calls. `batch_branches` runs the requested
     branches as one call, the ERG-diffusion temperature given per item; `reuse_cross_kv` computes the
@@ -212,7 +212,7 @@ def check_latent(latent: Tensor, name: str = "latent") -> Tensor:
 
 
 def frames_for_seconds(seconds: float) -> int:
-    """Latent frames for a duration, floor(seconds·44100/4096) as official (spec §1)."""
+    """Latent frames for a duration, floor(seconds·44100/4096) as official (design §1)."""
     seconds = float(seconds)
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"duration must be a positive number of seconds, got {seconds}")
@@ -230,7 +230,7 @@ def text2music(
     transformer, cond: Conditioning, frames: int, *, batch_size: int = 1, options: SamplerOptions = SamplerOptions(),
     noise: NoiseSource, retake_variance: float = 0.0, callback: Callback | None = None,
 ) -> Tensor:
-    """Text to music from fresh noise; retake_variance > 0 mixes in retake noise (retake / variations, spec §8)."""
+    """Text to music from fresh noise; retake_variance > 0 mixes in retake noise (retake / variations, design §8)."""
     device, dtype = _model_dtype(transformer)
     if frames > MAX_FRAMES:
         raise ValueError(f"duration is {frames} frames, past the model's 240 s ({MAX_FRAMES} frames); use long-form generation")
@@ -244,7 +244,7 @@ def text2music(
 
 
 def retake_mix(base: Tensor, retake: Tensor, variance: float) -> Tensor:
-    """cos(θ)·base + sin(θ)·retake with θ = variance·π/2 in the model dtype (spec §8 retake)."""
+    """cos(θ)·base + sin(θ)·retake with θ = variance·π/2 in the model dtype (design §8 retake)."""
     variance = float(variance)
     if not 0.0 <= variance <= 1.0:
         raise ValueError(f"variance must be in [0, 1], got {variance}")
@@ -256,7 +256,7 @@ def audio2audio(
     transformer, cond: Conditioning, reference: Tensor, *, ref_strength: float = 0.5, batch_size: int = 1,
     options: SamplerOptions = SamplerOptions(), noise: NoiseSource, callback: Callback | None = None,
 ) -> Tensor:
-    """Start from the reference latent noised to σ* = shift(1 − strength) and sample the rest (spec §8 audio2audio)."""
+    """Start from the reference latent noised to σ* = shift(1 − strength) and sample the rest (design §8 audio2audio)."""
     check_latent(reference, "reference latent")
     if options.oss_steps:
         raise ValueError("oss_steps cannot be combined with audio2audio; clear oss_steps")
@@ -275,7 +275,7 @@ def _blend_loop(
     callback: Callback | None,
 ) -> Tensor:
     """Official repaint/extend loop: skip steps < n_min, noise x0 to σ at n_min, then plain Euler on the
-    guided velocity with everything outside `mask` pinned to the source's noising path (spec §8)."""
+    guided velocity with everything outside `mask` pinned to the source's noising path (design §8)."""
     sigmas = official_sigmas(options.steps, options.shift)
     t = sigmas * 1000  # the official loop works from timesteps/1000
     n = options.steps
@@ -301,7 +301,7 @@ def repaint(
     batch_size: int = 1, options: SamplerOptions = SamplerOptions(), noise: NoiseSource,
     callback: Callback | None = None,
 ) -> Tensor:
-    """Regenerate frames [start, end) of `source`, keeping the rest (spec §8 repaint).
+    """Regenerate frames [start, end) of `source`, keeping the rest (design §8 repaint).
 
     A window that covers the whole song is a retake of fresh noise, as official.
     """
@@ -333,7 +333,7 @@ def extend(
     batch_size: int = 1, options: SamplerOptions = SamplerOptions(), noise: NoiseSource,
     callback: Callback | None = None,
 ) -> Tensor:
-    """Add new frames before and/or after `source`, generating only those (spec §8 extend).
+    """Add new frames before and/or after `source`, generating only those (design §8 extend).
 
     Official numbers for one side within the source length; beyond that (longer than the source, both sides
     past 240 s) the official code breaks and this does the right thing: fresh noise for every new frame, and a
@@ -390,7 +390,7 @@ def extend(
 
 @dataclass(frozen=True)
 class EditOptions:
-    """Flow-edit knobs (spec §8 edit): the edited share of the schedule and the averaging count."""
+    """Flow-edit knobs (design §8 edit): the edited share of the schedule and the averaging count."""
 
     n_min: float = 0.0
     n_max: float = 1.0
@@ -425,7 +425,7 @@ def flow_edit(
     edit: EditOptions = EditOptions(), batch_size: int = 1, options: SamplerOptions = SamplerOptions(),
     noise: NoiseSource, callback: Callback | None = None,
 ) -> Tensor:
-    """FlowEdit from the source prompt/lyrics to the target ones (spec §8 edit).
+    """FlowEdit from the source prompt/lyrics to the target ones (design §8 edit).
 
     Always the Euler schedule with APG at guidance_scale on every step, cond/uncond batched in one call, noise
     from the retake stream. Unlike the official code this works for batch > 1 (the source is repeated) and,

@@ -1,4 +1,4 @@
-"""UMT5-base text conditioning: tokenizer, encoder and the ERG-tag tempered variant (spec §4, §7.6)."""
+"""UMT5-base text conditioning: tokenizer, encoder and the ERG-tag tempered variant (design §4, §7.6)."""
 from __future__ import annotations
 
 import warnings
@@ -15,7 +15,7 @@ PAD_ID = 0
 EOS_ID = 1
 ERG_TAG_LAYERS = (8, 9)
 
-# The umt5-base values that the weights do not reveal (spec §4).
+# The umt5-base values that the weights do not reveal (design §4).
 _UMT5_FIXED = {
     "feed_forward_proj": "gated-gelu",
     "dense_act_fn": "gelu_new",
@@ -33,7 +33,7 @@ _SPM_NORMAL, _SPM_UNKNOWN, _SPM_CONTROL, _SPM_USER_DEFINED = 1, 2, 3, 4
 
 
 def umt5_config_from_checkpoint(config: Mapping | None, shapes: Mapping[str, Sequence[int]]) -> UMT5Config:
-    """UMT5 encoder config from config.json (checked against the tensor shapes) or from the shapes alone (spec §4, §10)."""
+    """UMT5 encoder config from config.json (checked against the tensor shapes) or from the shapes alone (design §4, §10)."""
     if "shared.weight" not in shapes or "encoder.block.0.layer.0.SelfAttention.q.weight" not in shapes:
         raise ValueError(
             "the text-encoder weights have no 'shared.weight' / 'encoder.block.0.layer.0.SelfAttention.q.weight'; "
@@ -71,12 +71,12 @@ def _count_blocks(shapes: Mapping[str, Sequence[int]]) -> int:
 
 
 def tokenizer_from_file(path: str | Path) -> Tokenizer:
-    """The umt5-base fast tokenizer from its tokenizer.json (spec §4)."""
+    """The umt5-base fast tokenizer from its tokenizer.json (design §4)."""
     return Tokenizer.from_file(str(path))
 
 
 def tokenizer_from_spiece(data: bytes) -> Tokenizer:
-    """The same fast tokenizer rebuilt from serialised SentencePiece model bytes (ComfyUI's text_encoders.spiece_model, spec §10.2)."""
+    """The same fast tokenizer rebuilt from serialised SentencePiece model bytes (ComfyUI's text_encoders.spiece_model, design §10.2)."""
     try:
         from sentencepiece import sentencepiece_model_pb2
     except ImportError as exc:
@@ -118,7 +118,7 @@ def tokenizer_from_spiece(data: bytes) -> Tokenizer:
 
 @contextmanager
 def scaled_queries(model: UMT5EncoderModel, layers: Sequence[int], tau: float) -> Iterator[None]:
-    """Multiply the SelfAttention.q outputs of the given encoder blocks by tau while inside (ERG-tag, spec §7.6)."""
+    """Multiply the SelfAttention.q outputs of the given encoder blocks by tau while inside (ERG-tag, design §7.6)."""
     blocks = model.encoder.block
     bad = [i for i in layers if not 0 <= i < len(blocks)]
     if bad:
@@ -135,7 +135,7 @@ def scaled_queries(model: UMT5EncoderModel, layers: Sequence[int], tau: float) -
 
 
 class TextEncoder(torch.nn.Module):
-    """Tags -> UMT5 last_hidden_state and attention mask, the official tokenizer call (spec §4)."""
+    """Tags -> UMT5 last_hidden_state and attention mask, the official tokenizer call (design §4)."""
 
     def __init__(self, model: UMT5EncoderModel, tokenizer: Tokenizer, max_length: int = MAX_TEXT_TOKENS):
         super().__init__()
@@ -154,7 +154,7 @@ class TextEncoder(torch.nn.Module):
         return self.model.shared.weight.device
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Official call: EOS appended, truncation at max_length, right padding with id 0 (spec §4)."""
+        """Official call: EOS appended, truncation at max_length, right padding with id 0 (design §4)."""
         if isinstance(texts, str) or not texts or not all(isinstance(t, str) for t in texts):
             raise ValueError(f"texts must be a non-empty list of strings, got {texts!r:.80}")
         rows = []
@@ -178,7 +178,7 @@ class TextEncoder(torch.nn.Module):
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str], *, erg_tag_tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(states [B, L, D] in the model dtype, mask [B, L] int64); erg_tag_tau tempers the queries of blocks 8, 9 (spec §4, §7.6)."""
+        """(states [B, L, D] in the model dtype, mask [B, L] int64); erg_tag_tau tempers the queries of blocks 8, 9 (design §4, §7.6)."""
         input_ids, mask = self.tokenize(texts)
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         layers = ERG_TAG_LAYERS if erg_tag_tau is not None else ()

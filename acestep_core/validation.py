@@ -1,4 +1,4 @@
-"""Running out of memory, turned into a message that names the settings which would fit (integration spec §6).
+"""Running out of memory, turned into a message that names the settings which would fit (docs/comfyui.md, ComfyUI facts §C6).
 
 A generation that does not fit raises `torch.OutOfMemoryError` (accelerators) or a RuntimeError from the CPU
 allocator deep inside the transformer. :func:`call_explaining_oom` lets the failed call's tensors go, returns the

@@ -158,7 +158,7 @@ def make_inputs(models: Models, prompt_tokens: int, lyric_tokens: int, seed: int
 
 
 def encode_text(models: Models, inputs: TokenInputs, erg_tag: bool) -> Conditioning:
-    """UMT5 states of the prompt, plus the ERG-tag tempered states, as `encode_conditioning` makes them (spec §4)."""
+    """UMT5 states of the prompt, plus the ERG-tag tempered states, as `encode_conditioning` makes them (design §4)."""
     device = next(models.text_model.parameters()).device
     ids, mask = inputs.text_ids.to(device), inputs.text_mask.to(device)
     states = models.text_model(input_ids=ids, attention_mask=mask).last_hidden_state

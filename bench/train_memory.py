@@ -44,7 +44,7 @@ GIB = 1024**3
 
 
 def random_transformer(device: torch.device, dtype: torch.dtype) -> AceStepTransformer:
-    """The real 3.5B configuration (spec §2.1) with PyTorch's default random init, built on `device` in `dtype`."""
+    """The real 3.5B configuration (design §2.1) with PyTorch's default random init, built on `device` in `dtype`."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

@@ -3,7 +3,7 @@
 Every ComfyUI module (`comfy.utils`, `comfy.model_management`, `folder_paths`) is imported inside the function
 that needs it, so the pack imports and runs without ComfyUI; each function then falls back to plain PyTorch
 behaviour: no progress bar, no interrupt, cuda when available, folders from $ACESTEP_MODELS_DIR and ./models
-(integration spec §5, §6, §12).
+(docs/comfyui.md, ComfyUI facts §C5, §6, §12).
 """
 from __future__ import annotations
 
@@ -33,14 +33,14 @@ def comfy_module(name: str) -> ModuleType | None:
 
 
 def check_interrupt() -> None:
-    """Raise ComfyUI's InterruptProcessingException when the user pressed Cancel (spec §6); no-op outside ComfyUI."""
+    """Raise ComfyUI's InterruptProcessingException when the user pressed Cancel (design §6); no-op outside ComfyUI."""
     mm = comfy_module("comfy.model_management")
     if mm is not None:
         mm.throw_exception_if_processing_interrupted()
 
 
 class Progress:
-    """A progress bar for the running node that checks for interruption at every update (spec §6)."""
+    """A progress bar for the running node that checks for interruption at every update (design §6)."""
 
     def __init__(self, total: int):
         utils = comfy_module("comfy.utils")
@@ -86,7 +86,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def free_memory(num_bytes: int, device: torch.device) -> None:
-    """Ask ComfyUI to unload its own models until `num_bytes` are free on `device` (spec §6); no-op elsewhere."""
+    """Ask ComfyUI to unload its own models until `num_bytes` are free on `device` (design §6); no-op elsewhere."""
     mm = comfy_module("comfy.model_management")
     if mm is not None and device.type != "cpu":
         mm.free_memory(int(num_bytes), device)
@@ -116,7 +116,7 @@ def _fallback_roots() -> list[Path]:
 
 
 def register_ace_step_folder(folder_paths: ModuleType) -> None:
-    """Add models/ace_step to the `ace_step` category, keeping folders a user configured (spec §5); idempotent."""
+    """Add models/ace_step to the `ace_step` category, keeping folders a user configured (design §5); idempotent."""
     default = os.path.join(folder_paths.models_dir, ACE_STEP_CATEGORY)
     entry = folder_paths.folder_names_and_paths.get(ACE_STEP_CATEGORY)
     if entry is None:

@@ -1,4 +1,4 @@
-"""The pack's one model cache: loaded ACE-Step models keyed by (resolved path, dtype, device) (integration spec §7).
+"""The pack's one model cache: loaded ACE-Step models keyed by (resolved path, dtype, device) (docs/comfyui.md, ComfyUI facts §C7).
 
 ComfyUI's own output cache forgets a node's result when the next prompt does not contain that node, so loader
 nodes return a cheap key (see `model.ModelHandle`) and the model itself lives here: several loader nodes, or

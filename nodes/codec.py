@@ -1,4 +1,4 @@
-"""Codec nodes: AUDIO -> LATENT (Music-DCAE encoder) and LATENT -> AUDIO (DCAE decoder + vocoder), spec §1, §6."""
+"""Codec nodes: AUDIO -> LATENT (Music-DCAE encoder) and LATENT -> AUDIO (DCAE decoder + vocoder), design §1, §6."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Model files for the loader combos: ACE-Step checkpoints and LoRAs on disk, and name -> path (integration spec §5).
+"""Model files for the loader combos: ACE-Step checkpoints and LoRAs on disk, and name -> path (docs/comfyui.md, ComfyUI facts §C5).
 
 A combo lists names relative to their model folder (with "/"); a name resolves only if the same listing holds
 it, so a crafted name can never point outside the model folders. Single .safetensors files are recognised by

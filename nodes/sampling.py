@@ -35,7 +35,7 @@ RUNNERS = {
 
 
 def _noise(transformer, latent: dict, batch: int, seed: int, retake_seed: int) -> SeededNoise:
-    """Official per-item generators on the model's device, in the model's dtype (spec §7.9)."""
+    """Official per-item generators on the model's device, in the model's dtype (design §7.9)."""
     p = next(transformer.parameters())
     return SeededNoise(wire.seeds_for(seed, latent, batch), wire.seeds_for(retake_seed, latent, batch), p.device, p.dtype)
 

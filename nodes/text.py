@@ -1,4 +1,4 @@
-"""Text node: tags and lyrics -> ACESTEP_COND (UMT5 states, ERG-tag states, lyric ids; spec §4, §5)."""
+"""Text node: tags and lyrics -> ACESTEP_COND (UMT5 states, ERG-tag states, lyric ids; design §4, §5)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Values on the wire between nodes: socket names, LATENT and AUDIO dicts, the task mark, seeds (spec §3).
+"""Values on the wire between nodes: socket names, LATENT and AUDIO dicts, the task mark, seeds (design §3).
 
 LATENT is ComfyUI's dict: ``{"samples": [B, 8, 16, T] float32 CPU, "type": "audio", ...}`` as
 EmptyAceStepLatentAudio makes it; nodes copy the dict, replace ``samples`` and keep unknown keys
@@ -37,7 +37,7 @@ MAX_SECONDS = 240.0
 
 
 def seconds_to_frames(seconds: float) -> int:
-    """Latent frames before a time: int(seconds·44100/4096), the official rounding (spec §8)."""
+    """Latent frames before a time: int(seconds·44100/4096), the official rounding (design §8)."""
     return int(float(seconds) * LATENT_RATE)
 
 

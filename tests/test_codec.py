@@ -1,4 +1,4 @@
-"""Audio codec: music DCAE, vocoder, log-mel front end, resampler and latent ⇄ audio conversion (spec §1, §6)."""
+"""Audio codec: music DCAE, vocoder, log-mel front end, resampler and latent ⇄ audio conversion (design §1, §6)."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""The one checkpoint loader (spec §10): both layouts give identical weights; clear errors for every bad input."""
+"""The one checkpoint loader (design §10): both layouts give identical weights; clear errors for every bad input."""
 from __future__ import annotations
 
 import json

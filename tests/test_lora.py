@@ -1,4 +1,4 @@
-"""LoRA application (spec §9): parity with the official LoRA forward, scale modes, stacking, exact removal, errors."""
+"""LoRA application (design §9): parity with the official LoRA forward, scale modes, stacking, exact removal, errors."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Task-layer behaviour where the official code is broken or silent (spec §8; fixtures README, official defects).
+"""Task-layer behaviour where the official code is broken or silent (design §8; fixtures README, official defects).
 
 Parity with the official code is in test_e2e.py; these check our own, documented behaviour on the tiny model.
 """

@@ -1,4 +1,4 @@
-"""UMT5 text conditioning (spec §4, §7.6): official parity, tokenizer from SentencePiece bytes, truncation, real key set."""
+"""UMT5 text conditioning (design §4, §7.6): official parity, tokenizer from SentencePiece bytes, truncation, real key set."""
 from __future__ import annotations
 
 import functools
@@ -24,7 +24,7 @@ from conftest import REAL_KEYS, TINY_COMFY, TINY_FOLDER, Case, case_params
 
 UMT5_DIR = TINY_FOLDER / "umt5-base"
 
-# Real umt5-base values (spec §4).
+# Real umt5-base values (design §4).
 REAL_UMT5 = dict(
     vocab_size=256384,
     d_model=768,

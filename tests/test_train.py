@@ -1,4 +1,4 @@
-"""Training (spec §11): objective pieces, data, cache, LoRA layers and the trainer end to end on the tiny checkpoint."""
+"""Training (design §11): objective pieces, data, cache, LoRA layers and the trainer end to end on the tiny checkpoint."""
 from __future__ import annotations
 
 import importlib.util

@@ -111,7 +111,7 @@ def test_empty_lyrics_give_finite_states(tiny: AceStepTransformer) -> None:
 
 def test_erg_diffusion_tempers_cross_attention_only(tiny: AceStepTransformer) -> None:
     """ERG scales to_q of attn and cross_attn in blocks 15..19: cross-attn outputs change, earlier blocks do not,
-    the linear self-attention barely moves (the factor cancels), tau 1.0 is a no-op (spec §7.6)."""
+    the linear self-attention barely moves (the factor cancels), tau 1.0 is a no-op (design §7.6)."""
     case = Case(case_params("transformer_forward_nomask")[0].values[0])
     i = case.inputs
     first = 15

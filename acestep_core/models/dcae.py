@@ -1,4 +1,4 @@
-"""Music DCAE: the Sana deep-compression autoencoder (f8c8) that maps normalised stereo log-mels to latents, spec §6.2."""
+"""Music DCAE: the Sana deep-compression autoencoder (f8c8) that maps normalised stereo log-mels to latents, design §6.2."""
 from __future__ import annotations
 
 import re
@@ -21,7 +21,7 @@ FIXED_VARIANTS: dict[str, object] = {
     "encoder_out_shortcut": True,
     "decoder_in_shortcut": True,
 }
-"""AutoencoderDC options the music DCAE uses; other values (other architectures) are rejected (spec §6.2)."""
+"""AutoencoderDC options the music DCAE uses; other values (other architectures) are rejected (design §6.2)."""
 
 
 def check_state_shapes(
@@ -54,7 +54,7 @@ def check_state_shapes(
 
 @dataclass(frozen=True)
 class DCAEConfig:
-    """Hyper-parameters of the music DCAE; defaults are the released `music_dcae_f8c8` (spec §6.2)."""
+    """Hyper-parameters of the music DCAE; defaults are the released `music_dcae_f8c8` (design §6.2)."""
 
     in_channels: int = 2
     latent_channels: int = 8
@@ -109,12 +109,12 @@ class DCAEConfig:
 
     @property
     def downsample_factor(self) -> int:
-        """Mel frames (and mel bins) per latent frame (bin): 2 per stage transition (spec §1)."""
+        """Mel frames (and mel bins) per latent frame (bin): 2 per stage transition (design §1)."""
         return 2 ** (len(self.encoder_block_out_channels) - 1)
 
     @classmethod
     def from_checkpoint(cls, config: Mapping | None, shapes: Mapping[str, Sequence[int]]) -> DCAEConfig:
-        """Build from an optional diffusers config.json dict plus un-prefixed tensor shapes, spec §6.2.
+        """Build from an optional diffusers config.json dict plus un-prefixed tensor shapes, design §6.2.
 
         Every size is read from the weights and the config must agree with them; the multiscale kernels of
         ResBlock stages (unused, no weights) come from the config or the defaults.
@@ -210,7 +210,7 @@ def _describe_stages(
 
 
 class ChannelRMSNorm(nn.Module):
-    """RMSNorm over the channel dim of [B, C, H, W] with weight and bias, eps 1e-5, statistics in fp32 (spec §6.2)."""
+    """RMSNorm over the channel dim of [B, C, H, W] with weight and bias, eps 1e-5, statistics in fp32 (design §6.2)."""
 
     def __init__(self, channels: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -225,7 +225,7 @@ class ChannelRMSNorm(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """`x + RMSNorm(Conv3x3_nobias(SiLU(Conv3x3(x))))` (spec §6.2)."""
+    """`x + RMSNorm(Conv3x3_nobias(SiLU(Conv3x3(x))))` (design §6.2)."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -238,7 +238,7 @@ class ResBlock(nn.Module):
 
 
 class MultiscaleProjection(nn.Module):
-    """Depthwise k×k conv then a grouped 1×1 conv (groups = 3·heads) over the stacked q/k/v channels (spec §6.2)."""
+    """Depthwise k×k conv then a grouped 1×1 conv (groups = 3·heads) over the stacked q/k/v channels (design §6.2)."""
 
     def __init__(self, channels: int, heads: int, kernel_size: int) -> None:
         super().__init__()
@@ -252,7 +252,7 @@ class MultiscaleProjection(nn.Module):
 
 
 def relu_linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float = 1e-15) -> Tensor:
-    """`(V₊Kᵀ)Q` with a ones row appended to V as the normaliser; inputs [B, G, d, N] in fp32 (spec §6.2)."""
+    """`(V₊Kᵀ)Q` with a ones row appended to V as the normaliser; inputs [B, G, d, N] in fp32 (design §6.2)."""
     v = F.pad(v, (0, 0, 0, 1), value=1.0)
     out = (v @ k.transpose(-1, -2)) @ q
     out = out.float()
@@ -260,14 +260,14 @@ def relu_linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float = 1e-15) -
 
 
 def relu_quadratic_attention(q: Tensor, k: Tensor, v: Tensor, eps: float = 1e-15) -> Tensor:
-    """`V·(KᵀQ normalised over keys)`; the same kernel attention for short sequences, [B, G, d, N] (spec §6.2)."""
+    """`V·(KᵀQ normalised over keys)`; the same kernel attention for short sequences, [B, G, d, N] (design §6.2)."""
     scores = (k.transpose(-1, -2) @ q).float()
     scores = scores / (scores.sum(dim=2, keepdim=True) + eps)
     return v @ scores.to(v.dtype)
 
 
 class MultiscaleLinearAttention(nn.Module):
-    """Sana multiscale ReLU linear attention with RMSNorm and residual (spec §6.2)."""
+    """Sana multiscale ReLU linear attention with RMSNorm and residual (design §6.2)."""
 
     def __init__(self, channels: int, head_dim: int, kernel_sizes: Sequence[int]) -> None:
         super().__init__()
@@ -302,7 +302,7 @@ class MultiscaleLinearAttention(nn.Module):
 
 
 class GLUMBConv(nn.Module):
-    """Gated bottleneck: 1×1 C→8C, SiLU, depthwise 3×3, `a·SiLU(g)`, 1×1 4C→C, RMSNorm, residual (spec §6.2)."""
+    """Gated bottleneck: 1×1 C→8C, SiLU, depthwise 3×3, `a·SiLU(g)`, 1×1 4C→C, RMSNorm, residual (design §6.2)."""
 
     def __init__(self, channels: int, expand: int = 4) -> None:
         super().__init__()
@@ -319,7 +319,7 @@ class GLUMBConv(nn.Module):
 
 
 class EfficientViTBlock(nn.Module):
-    """Multiscale linear attention then GLUMBConv, each with its own residual (spec §6.2)."""
+    """Multiscale linear attention then GLUMBConv, each with its own residual (design §6.2)."""
 
     def __init__(self, channels: int, head_dim: int, kernel_sizes: Sequence[int]) -> None:
         super().__init__()
@@ -331,7 +331,7 @@ class EfficientViTBlock(nn.Module):
 
 
 class DownBlock(nn.Module):
-    """Stride-2 3×3 conv plus the pixel-unshuffle shortcut averaged over channel groups (spec §6.2)."""
+    """Stride-2 3×3 conv plus the pixel-unshuffle shortcut averaged over channel groups (design §6.2)."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
@@ -344,7 +344,7 @@ class DownBlock(nn.Module):
 
 
 class UpBlock(nn.Module):
-    """Nearest ×2 upsampling then 3×3 conv, plus the repeat-interleave + pixel-shuffle shortcut (spec §6.2)."""
+    """Nearest ×2 upsampling then 3×3 conv, plus the repeat-interleave + pixel-shuffle shortcut (design §6.2)."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
@@ -361,7 +361,7 @@ def _block(kind: str, channels: int, head_dim: int, kernel_sizes: Sequence[int])
 
 
 class DCAEEncoder(nn.Module):
-    """Normalised mel [B, 2, 128, F] → raw latent [B, 8, 16, F/8] (spec §6.2)."""
+    """Normalised mel [B, 2, 128, F] → raw latent [B, 8, 16, F/8] (design §6.2)."""
 
     def __init__(self, config: DCAEConfig) -> None:
         super().__init__()
@@ -388,7 +388,7 @@ class DCAEEncoder(nn.Module):
 
 
 class DCAEDecoder(nn.Module):
-    """Raw latent [B, 8, 16, T] → normalised mel [B, 2, 128, 8T] (spec §6.2)."""
+    """Raw latent [B, 8, 16, T] → normalised mel [B, 2, 128, 8T] (design §6.2)."""
 
     def __init__(self, config: DCAEConfig) -> None:
         super().__init__()
@@ -414,7 +414,7 @@ class DCAEDecoder(nn.Module):
 
 
 class DCAE(nn.Module):
-    """The AutoencoderDC pair; state-dict keys `encoder.*` / `decoder.*` as in `music_dcae_f8c8` (spec §6.2)."""
+    """The AutoencoderDC pair; state-dict keys `encoder.*` / `decoder.*` as in `music_dcae_f8c8` (design §6.2)."""
 
     def __init__(self, config: DCAEConfig | None = None) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""Conformer lyric encoder of ACE-Step v1 (WeNet/ESPnet style, rel-pos attention, no conv module), spec §3."""
+"""Conformer lyric encoder of ACE-Step v1 (WeNet/ESPnet style, rel-pos attention, no conv module), design §3."""
 from __future__ import annotations
 
 import math
@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ERG_LYRIC_LAYERS: tuple[int, ...] = (4, 5)
-"""Conformer blocks whose query projection the official ERG-lyric tempers (spec §7.6)."""
+"""Conformer blocks whose query projection the official ERG-lyric tempers (design §7.6)."""
 
 
 @dataclass(frozen=True)
 class LyricEncoderConfig:
-    """Conformer sizes; the official code hard-codes the real values below, so derive them from weights (spec §3)."""
+    """Conformer sizes; the official code hard-codes the real values below, so derive them from weights (design §3)."""
 
     output_size: int = 1024
     attention_heads: int = 16
@@ -41,7 +41,7 @@ class LyricEncoderConfig:
 
     @classmethod
     def from_checkpoint(cls, shapes: Mapping[str, Sequence[int]], prefix: str = "lyric_encoder.") -> LyricEncoderConfig:
-        """Read the sizes from tensor shapes (keys of a transformer state dict), spec §3."""
+        """Read the sizes from tensor shapes (keys of a transformer state dict), design §3."""
         def shape(key: str) -> Sequence[int]:
             if prefix + key not in shapes:
                 raise ValueError(
@@ -64,7 +64,7 @@ class LyricEncoderConfig:
 
 def relative_position_table(length: int, d_model: int, *, dtype: torch.dtype,
                             device: torch.device | str | None = None) -> Tensor:
-    """ESPnet sinusoids for relative positions L−1 … −(L−1), [1, 2L−1, d_model], built in fp32 (spec §3)."""
+    """ESPnet sinusoids for relative positions L−1 … −(L−1), [1, 2L−1, d_model], built in fp32 (design §3)."""
     div_term = torch.exp(
         torch.arange(0, d_model, 2, dtype=torch.float32, device=device) * -(math.log(10000.0) / d_model)
     )                                                                          # [d/2]
@@ -83,7 +83,7 @@ def shift_relative(scores: Tensor) -> Tensor:
 
 
 class ConformerAttention(nn.Module):
-    """Transformer-XL relative-position multi-head self-attention (spec §3)."""
+    """Transformer-XL relative-position multi-head self-attention (design §3)."""
 
     def __init__(self, size: int, heads: int):
         super().__init__()
@@ -102,7 +102,7 @@ class ConformerAttention(nn.Module):
         b, length, _ = x.shape
         q = self.linear_q(x)
         if q_scale is not None:
-            q = q * q_scale                                                    # ERG-lyric (spec §7.6)
+            q = q * q_scale                                                    # ERG-lyric (design §7.6)
         q = q.view(b, length, self.heads, self.head_dim)                       # [B, L, H, d]
         k = self.linear_k(x).view(b, length, self.heads, self.head_dim).transpose(1, 2)  # [B, H, L, d]
         v = self.linear_v(x).view(b, length, self.heads, self.head_dim).transpose(1, 2)
@@ -121,7 +121,7 @@ class ConformerAttention(nn.Module):
 
 
 class ConformerFeedForward(nn.Module):
-    """Position-wise FFN with SiLU (spec §3)."""
+    """Position-wise FFN with SiLU (design §3)."""
 
     def __init__(self, size: int, hidden: int):
         super().__init__()
@@ -134,7 +134,7 @@ class ConformerFeedForward(nn.Module):
 
 
 class ConformerBlock(nn.Module):
-    """Pre-norm block: x += MHA(LN(x)); x += FFN(LN(x)) (spec §3)."""
+    """Pre-norm block: x += MHA(LN(x)); x += FFN(LN(x)) (design §3)."""
 
     def __init__(self, size: int, heads: int, hidden: int):
         super().__init__()
@@ -150,7 +150,7 @@ class ConformerBlock(nn.Module):
 
 
 class LyricInputEmbed(nn.Module):
-    """Input layer: LayerNorm(Linear(x)) · √D (spec §3 step 2)."""
+    """Input layer: LayerNorm(Linear(x)) · √D (design §3 step 2)."""
 
     def __init__(self, input_size: int, size: int):
         super().__init__()
@@ -162,7 +162,7 @@ class LyricInputEmbed(nn.Module):
 
 
 class LyricEncoder(nn.Module):
-    """Conformer lyric encoder: Linear+LayerNorm embed (×√D), rel-pos blocks, final LayerNorm (spec §3)."""
+    """Conformer lyric encoder: Linear+LayerNorm embed (×√D), rel-pos blocks, final LayerNorm (design §3)."""
 
     def __init__(self, config: LyricEncoderConfig, input_size: int):
         super().__init__()
@@ -176,7 +176,7 @@ class LyricEncoder(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor, *, erg_tau: float | None = None,
                 erg_layers: Collection[int] = ERG_LYRIC_LAYERS) -> Tensor:
-        """Embedded lyrics x [B,L,Din], mask [B,L] → [B,L,D]; erg_tau scales linear_q in `erg_layers` (spec §7.6)."""
+        """Embedded lyrics x [B,L,Din], mask [B,L] → [B,L,D]; erg_tau scales linear_q in `erg_layers` (design §7.6)."""
         bad = [i for i in erg_layers if not 0 <= i < len(self.encoders)]
         if bad:
             raise ValueError(

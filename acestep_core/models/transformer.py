@@ -1,4 +1,4 @@
-"""ACE-Step v1 diffusion transformer (`ACEStepTransformer2DModel`): Linear-DiT with cross-attention, spec §2."""
+"""ACE-Step v1 diffusion transformer (`ACEStepTransformer2DModel`): Linear-DiT with cross-attention, design §2."""
 from __future__ import annotations
 
 import math
@@ -14,10 +14,10 @@ from .attention import apply_rope, linear_attention, masked_sdpa, rope_tables
 from .lyric_encoder import ERG_LYRIC_LAYERS, LyricEncoder, LyricEncoderConfig
 
 ERG_DIFFUSION_LAYERS: tuple[int, ...] = (15, 16, 17, 18, 19)
-"""Blocks whose attn.to_q and cross_attn.to_q the official ERG-diffusion tempers (spec §7.6)."""
+"""Blocks whose attn.to_q and cross_attn.to_q the official ERG-diffusion tempers (design §7.6)."""
 
 PATCH_CHANNELS_PER_INPUT = 256
-"""PatchEmbed's hidden conv width is hard-coded to in_channels·256 (spec §2.2)."""
+"""PatchEmbed's hidden conv width is hard-coded to in_channels·256 (design §2.2)."""
 
 CrossKV = list[tuple[Tensor, Tensor]]
 """Per block (key with RoPE, value), each [B, H, S, head_dim]: the cross-attention K/V of one encoder sequence."""
@@ -28,7 +28,7 @@ QScale = float | Tensor
 
 @dataclass(frozen=True)
 class TransformerConfig:
-    """Hyper-parameters of the transformer; defaults are the released 3.5B model (spec §2.1)."""
+    """Hyper-parameters of the transformer; defaults are the released 3.5B model (design §2.1)."""
 
     in_channels: int = 8
     out_channels: int = 8
@@ -85,7 +85,7 @@ class TransformerConfig:
 
     @classmethod
     def from_checkpoint(cls, config: Mapping | None, shapes: Mapping[str, Sequence[int]]) -> TransformerConfig:
-        """Build from an optional config.json dict plus tensor shapes (un-prefixed state-dict keys), spec §2.1–2.2.
+        """Build from an optional config.json dict plus tensor shapes (un-prefixed state-dict keys), design §2.1–2.2.
 
         Every size the weights determine is read from them; the config supplies the rest (heads/head_dim,
         rope_theta) and must agree with the weights. Without a config the head width is assumed to be 128.
@@ -174,14 +174,14 @@ def _as_config_value(value: object) -> object:
 
 
 def temper_queries(q: Tensor, scale: QScale | None) -> Tensor:
-    """q·τ in q's dtype, the product taken in fp32 when τ is per item (as the official in-place ×τ, spec §7.6)."""
+    """q·τ in q's dtype, the product taken in fp32 when τ is per item (as the official in-place ×τ, design §7.6)."""
     if scale is None:
         return q
     return (q * scale).to(q.dtype)
 
 
 def timestep_features(timestep: Tensor, dim: int = 256) -> Tensor:
-    """Sinusoidal features [B, dim] in fp32, cos half first, f_k = exp(−ln(10⁴)·k/(dim/2)) (spec §2.3)."""
+    """Sinusoidal features [B, dim] in fp32, cos half first, f_k = exp(−ln(10⁴)·k/(dim/2)) (design §2.3)."""
     half = dim // 2
     exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=timestep.device) / half
     angles = timestep.float()[:, None] * torch.exp(exponent)[None, :]        # [B, half]
@@ -189,20 +189,20 @@ def timestep_features(timestep: Tensor, dim: int = 256) -> Tensor:
 
 
 def rms_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
-    """Parameter-free RMSNorm with the variance in fp32 (spec §2.4)."""
+    """Parameter-free RMSNorm with the variance in fp32 (design §2.4)."""
     variance = x.float().pow(2).mean(-1, keepdim=True)
     return (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
 
 
 def match_statistics(control: Tensor, reference: Tensor) -> Tensor:
-    """Give `control` [B,T,D] the per-sample mean/std (over T and D, unbiased) of `reference` (spec §2.3 step 3)."""
+    """Give `control` [B,T,D] the per-sample mean/std (over T and D, unbiased) of `reference` (design §2.3 step 3)."""
     ref_mean, ref_std = reference.mean(dim=(1, 2), keepdim=True), reference.std(dim=(1, 2), keepdim=True)
     mean, std = control.mean(dim=(1, 2), keepdim=True), control.std(dim=(1, 2), keepdim=True)
     return (control - mean) * (ref_std / (std + 1e-12)) + ref_mean
 
 
 class TimestepEmbedding(nn.Module):
-    """linear_2(SiLU(linear_1(features))) (spec §2.3)."""
+    """linear_2(SiLU(linear_1(features))) (design §2.3)."""
 
     def __init__(self, in_features: int, dim: int):
         super().__init__()
@@ -215,7 +215,7 @@ class TimestepEmbedding(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Conv(k=patch) → GroupNorm(32) over the whole sequence → Conv 1×1, giving one token per frame (spec §2.3)."""
+    """Conv(k=patch) → GroupNorm(32) over the whole sequence → Conv 1×1, giving one token per frame (design §2.3)."""
 
     def __init__(self, in_channels: int, hidden: int, dim: int, patch_size: tuple[int, int]):
         super().__init__()
@@ -231,7 +231,7 @@ class PatchEmbed(nn.Module):
 
 
 class LinearSelfAttention(nn.Module):
-    """ReLU linear self-attention with RoPE and latent masking ("LiteLA", spec §2.5)."""
+    """ReLU linear self-attention with RoPE and latent masking ("LiteLA", design §2.5)."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -243,7 +243,7 @@ class LinearSelfAttention(nn.Module):
 
     def forward(self, h: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, q_scale: QScale | None) -> Tensor:
         """h [B,T,D], rope tables [T,hd], mask [B,1,T,1] (activation dtype; None = every frame valid) → [B,T,D]."""
-        q = temper_queries(self.to_q(h), q_scale)                              # ERG-diffusion (spec §7.6)
+        q = temper_queries(self.to_q(h), q_scale)                              # ERG-diffusion (design §7.6)
         q, k, v = (split_heads(t, self.heads) for t in (q, self.to_k(h), self.to_v(h)))  # [B, H, T, hd]
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if mask is not None:
@@ -255,7 +255,7 @@ class LinearSelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Softmax cross-attention from latent tokens to the condition sequence, RoPE on q and k (spec §2.5).
+    """Softmax cross-attention from latent tokens to the condition sequence, RoPE on q and k (design §2.5).
 
     add_q_proj/add_k_proj/add_v_proj/to_add_out exist in the checkpoint but are never used.
     """
@@ -280,7 +280,7 @@ class CrossAttention(nn.Module):
     def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], rope: tuple[Tensor, Tensor],
                 allowed: Tensor | None, q_scale: QScale | None) -> Tensor:
         """x [B,T,D], kv from key_value, latent rope tables, allowed [B,T,S] bool (None = all) → [B,T,D]."""
-        q = temper_queries(self.to_q(x), q_scale)                              # ERG-diffusion (spec §7.6)
+        q = temper_queries(self.to_q(x), q_scale)                              # ERG-diffusion (design §7.6)
         q = apply_rope(split_heads(q, self.heads), *rope)                      # [B, H, T, hd]
         out = masked_sdpa(q, *kv, allowed)                                     # [B, H, T, hd]
         return self.to_out[0](merge_heads(out))
@@ -300,7 +300,7 @@ class ConvUnit(nn.Module):
 
 
 class GLUMBConv(nn.Module):
-    """1×1 conv + SiLU → depthwise k=3 → GLU (a·SiLU(g)) → 1×1 conv (spec §2.4)."""
+    """1×1 conv + SiLU → depthwise k=3 → GLU (a·SiLU(g)) → 1×1 conv (design §2.4)."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -326,7 +326,7 @@ class GLUMBConv(nn.Module):
 
 
 class LinearTransformerBlock(nn.Module):
-    """adaLN-single block: gated linear self-attn, ungated cross-attn, gated GLUMBConv (spec §2.4)."""
+    """adaLN-single block: gated linear self-attn, ungated cross-attn, gated GLUMBConv (design §2.4)."""
 
     def __init__(self, dim: int, heads: int, ff_hidden: int):
         super().__init__()
@@ -349,7 +349,7 @@ class LinearTransformerBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """RMSNorm modulated by the timestep embedding `emb` (not temb), Linear, unpatchify (spec §2.3 step 6)."""
+    """RMSNorm modulated by the timestep embedding `emb` (not temb), Linear, unpatchify (design §2.3 step 6)."""
 
     def __init__(self, dim: int, patch_size: tuple[int, int], out_channels: int):
         super().__init__()
@@ -379,7 +379,7 @@ def merge_heads(x: Tensor) -> Tensor:
 
 
 class AceStepTransformer(nn.Module):
-    """ACE-Step v1 transformer; state-dict names and shapes equal the official checkpoint (spec §2.2)."""
+    """ACE-Step v1 transformer; state-dict names and shapes equal the official checkpoint (design §2.2)."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
@@ -411,7 +411,7 @@ class AceStepTransformer(nn.Module):
     def encode(self, text_states: Tensor, text_mask: Tensor, speaker: Tensor, lyric_ids: Tensor, lyric_mask: Tensor,
                *, lyric_erg_tau: float | None = None,
                lyric_erg_layers: Collection[int] = ERG_LYRIC_LAYERS) -> tuple[Tensor, Tensor]:
-        """Condition sequence [speaker | text | lyrics] → (encoder_states [B,S,D], encoder_mask [B,S] fp32), spec §2.3."""
+        """Condition sequence [speaker | text | lyrics] → (encoder_states [B,S,D], encoder_mask [B,S] fp32), design §2.3."""
         self._check_conditions(text_states, text_mask, speaker, lyric_ids, lyric_mask)
         dtype, batch = self.dtype, text_states.shape[0]
         speaker_tokens = self.speaker_embedder(speaker.to(dtype))[:, None]   # [B, 1, D]
@@ -441,7 +441,7 @@ class AceStepTransformer(nn.Module):
                timestep: Tensor, *, erg_tau: float | Tensor | None = None,
                erg_layers: Collection[int] = ERG_DIFFUSION_LAYERS, controlnet_states: Tensor | None = None,
                controlnet_scale: float = 1.0, cross_kv: CrossKV | None = None, linear_ff: bool = False) -> Tensor:
-        """Velocity [B,C,16,T] for latent x at timestep (= σ·1000) given encode's output (spec §2.3).
+        """Velocity [B,C,16,T] for latent x at timestep (= σ·1000) given encode's output (design §2.3).
 
         erg_tau scales attn.to_q and cross_attn.to_q in `erg_layers`: a float for the whole batch or a [B] tensor,
         one temperature per item (1 = untempered), so tempered and plain guidance branches share one call;
@@ -493,7 +493,7 @@ class AceStepTransformer(nn.Module):
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None, encoder_text_hidden_states: Tensor,
                 text_attention_mask: Tensor, speaker_embeds: Tensor, lyric_token_idx: Tensor, lyric_mask: Tensor,
                 timestep: Tensor) -> Tensor:
-        """encode then decode with the official argument names; returns the velocity [B,C,16,T] (spec §2.3)."""
+        """encode then decode with the official argument names; returns the velocity [B,C,16,T] (design §2.3)."""
         self._check_latent(hidden_states, "hidden_states")
         encoder_states, encoder_mask = self.encode(
             encoder_text_hidden_states, text_attention_mask, speaker_embeds, lyric_token_idx, lyric_mask

@@ -1,4 +1,4 @@
-"""Music vocoder (`ADaMoSHiFiGANV1`: ConvNeXt-1D backbone + HiFi-GAN head) and its log-mel front end, spec §6.1, §6.3."""
+"""Music vocoder (`ADaMoSHiFiGANV1`: ConvNeXt-1D backbone + HiFi-GAN head) and its log-mel front end, design §6.1, §6.3."""
 from __future__ import annotations
 
 import math
@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .dcae import normalise_config_value, check_state_shapes
 
 MEL_BUFFERS = ("mel_transform.spectrogram.window", "mel_transform.mel_scale.fb")
-"""Vocoder state-dict entries computed from the config; a file may omit them (spec §6.3)."""
+"""Vocoder state-dict entries computed from the config; a file may omit them (design §6.3)."""
 
 _COMFY_WEIGHT_NORM = re.compile(r"^(.*)\.parametrizations\.weight\.original([01])$")
 
@@ -22,7 +22,7 @@ V = TypeVar("V")
 
 
 def vocoder_key_map(state_dict: Mapping[str, V]) -> dict[str, V]:
-    """Rename weight-norm keys `….parametrizations.weight.original0/1` to `….weight_g/_v` (spec §6.3)."""
+    """Rename weight-norm keys `….parametrizations.weight.original0/1` to `….weight_g/_v` (design §6.3)."""
     renamed: dict[str, V] = {}
     for key, value in state_dict.items():
         if m := _COMFY_WEIGHT_NORM.match(key):
@@ -32,7 +32,7 @@ def vocoder_key_map(state_dict: Mapping[str, V]) -> dict[str, V]:
 
 
 def _hz_to_slaney_mel(freq: float) -> float:
-    """Slaney mel scale (linear below 1 kHz, logarithmic above), scalar (spec §6.1)."""
+    """Slaney mel scale (linear below 1 kHz, logarithmic above), scalar (design §6.1)."""
     f_sp = 200.0 / 3
     if freq < 1000.0:
         return freq / f_sp
@@ -40,7 +40,7 @@ def _hz_to_slaney_mel(freq: float) -> float:
 
 
 def _slaney_mel_to_hz(mels: Tensor) -> Tensor:
-    """Inverse of the slaney mel scale, element-wise (spec §6.1)."""
+    """Inverse of the slaney mel scale, element-wise (design §6.1)."""
     f_sp = 200.0 / 3
     min_log_mel = 1000.0 / f_sp
     logstep = math.log(6.4) / 27.0
@@ -50,7 +50,7 @@ def _slaney_mel_to_hz(mels: Tensor) -> Tensor:
 
 
 def slaney_mel_filterbank(n_freqs: int, f_min: float, f_max: float, n_mels: int, sample_rate: int) -> Tensor:
-    """Triangular mel filters [n_freqs, n_mels] on the slaney scale with slaney (area) normalisation, fp32 (spec §6.1)."""
+    """Triangular mel filters [n_freqs, n_mels] on the slaney scale with slaney (area) normalisation, fp32 (design §6.1)."""
     all_freqs = torch.linspace(0, sample_rate // 2, n_freqs)
     m_pts = torch.linspace(_hz_to_slaney_mel(f_min), _hz_to_slaney_mel(f_max), n_mels + 2)
     f_pts = _slaney_mel_to_hz(m_pts)
@@ -64,7 +64,7 @@ def slaney_mel_filterbank(n_freqs: int, f_min: float, f_max: float, n_mels: int,
 
 @dataclass(frozen=True)
 class VocoderConfig:
-    """Hyper-parameters of `ADaMoSHiFiGANV1`; defaults are the released `music_vocoder` (spec §6.3)."""
+    """Hyper-parameters of `ADaMoSHiFiGANV1`; defaults are the released `music_vocoder` (design §6.3)."""
 
     input_channels: int = 128
     depths: tuple[int, ...] = (3, 3, 9, 3)
@@ -144,7 +144,7 @@ class VocoderConfig:
 
     @classmethod
     def from_checkpoint(cls, config: Mapping | None, shapes: Mapping[str, Sequence[int]]) -> VocoderConfig:
-        """Build from an optional config.json dict plus un-prefixed tensor shapes (either weight-norm naming), spec §6.3.
+        """Build from an optional config.json dict plus un-prefixed tensor shapes (either weight-norm naming), design §6.3.
 
         Sizes come from the weights and the config must agree with them. Without a config the upsample rates are
         taken as half the kernel sizes (true of the released vocoder) and the dilations and mel settings are the
@@ -206,7 +206,7 @@ class VocoderConfig:
 
 
 class LinearSpectrogram(nn.Module):
-    """Reflect pad, STFT (center=False, periodic Hann) in fp32, magnitude `sqrt(re²+im²+1e-6)` (spec §6.1)."""
+    """Reflect pad, STFT (center=False, periodic Hann) in fp32, magnitude `sqrt(re²+im²+1e-6)` (design §6.1)."""
 
     def __init__(self, n_fft: int, win_length: int, hop_length: int) -> None:
         super().__init__()
@@ -235,7 +235,7 @@ class LinearSpectrogram(nn.Module):
 
 
 class MelScale(nn.Module):
-    """Linear spectrogram [N, n_freqs, frames] → mel [N, n_mels, frames] with the stored filterbank `fb` (spec §6.1)."""
+    """Linear spectrogram [N, n_freqs, frames] → mel [N, n_mels, frames] with the stored filterbank `fb` (design §6.1)."""
 
     def __init__(self, n_mels: int, sample_rate: int, f_min: float, f_max: float, n_freqs: int) -> None:
         super().__init__()
@@ -256,7 +256,7 @@ class MelScale(nn.Module):
 
 
 class LogMelSpectrogram(nn.Module):
-    """Waveform [..., L] at 44.1 kHz → natural-log mel [..., n_mels, frames] clamped at 1e-5 (spec §6.1)."""
+    """Waveform [..., L] at 44.1 kHz → natural-log mel [..., n_mels, frames] clamped at 1e-5 (design §6.1)."""
 
     def __init__(self, config: VocoderConfig) -> None:
         super().__init__()
@@ -281,7 +281,7 @@ class LogMelSpectrogram(nn.Module):
 
 
 class ChannelsFirstLayerNorm(nn.Module):
-    """LayerNorm over dim 1 of [B, C, T] with biased variance, eps 1e-6 (spec §6.3)."""
+    """LayerNorm over dim 1 of [B, C, T] with biased variance, eps 1e-6 (design §6.3)."""
 
     def __init__(self, channels: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -297,7 +297,7 @@ class ChannelsFirstLayerNorm(nn.Module):
 
 
 class ConvNeXtBlock(nn.Module):
-    """Depthwise conv → LayerNorm → Linear d→4d → GELU → Linear 4d→d → ×gamma → + input, [B, d, T] (spec §6.3)."""
+    """Depthwise conv → LayerNorm → Linear d→4d → GELU → Linear 4d→d → ×gamma → + input, [B, d, T] (design §6.3)."""
 
     def __init__(self, dim: int, kernel_size: int) -> None:
         super().__init__()
@@ -314,7 +314,7 @@ class ConvNeXtBlock(nn.Module):
 
 
 class ConvNeXtBackbone(nn.Module):
-    """ConvNeXt-1D encoder: log-mel [B, 128, F] → features [B, num_mels, F] (spec §6.3)."""
+    """ConvNeXt-1D encoder: log-mel [B, 128, F] → features [B, num_mels, F] (design §6.3)."""
 
     def __init__(self, config: VocoderConfig) -> None:
         super().__init__()
@@ -342,12 +342,12 @@ class ConvNeXtBackbone(nn.Module):
 
 
 def weight_norm_weight(g: Tensor, v: Tensor) -> Tensor:
-    """Weight-norm reparametrisation `g · v / ‖v‖`, the norm over every dim except 0 (spec §6.3)."""
+    """Weight-norm reparametrisation `g · v / ‖v‖`, the norm over every dim except 0 (design §6.3)."""
     return v * (g / v.norm(dim=tuple(range(1, v.ndim)), keepdim=True))
 
 
 class WeightNormConv1d(nn.Module):
-    """Conv1d whose weight is stored as `weight_g` [out,1,1] / `weight_v` [out,in,k] (spec §6.3)."""
+    """Conv1d whose weight is stored as `weight_g` [out,1,1] / `weight_v` [out,in,k] (design §6.3)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1) -> None:
         super().__init__()
@@ -363,7 +363,7 @@ class WeightNormConv1d(nn.Module):
 
 
 class WeightNormConvTranspose1d(nn.Module):
-    """ConvTranspose1d with `weight_g` [in,1,1] / `weight_v` [in,out,k] (norm per input channel), spec §6.3."""
+    """ConvTranspose1d with `weight_g` [in,1,1] / `weight_v` [in,out,k] (norm per input channel), design §6.3."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int) -> None:
         super().__init__()
@@ -379,7 +379,7 @@ class WeightNormConvTranspose1d(nn.Module):
 
 
 class ResBlock1(nn.Module):
-    """Three `x + conv(SiLU(dilated conv(SiLU(x))))` steps, dilations (1, 3, 5) (spec §6.3)."""
+    """Three `x + conv(SiLU(dilated conv(SiLU(x))))` steps, dilations (1, 3, 5) (design §6.3)."""
 
     def __init__(self, channels: int, kernel_size: int, dilations: Sequence[int]) -> None:
         super().__init__()
@@ -393,7 +393,7 @@ class ResBlock1(nn.Module):
 
 
 class HiFiGANHead(nn.Module):
-    """HiFi-GAN generator: features [B, num_mels, F] → waveform [B, 1, F·hop] in (-1, 1) (spec §6.3)."""
+    """HiFi-GAN generator: features [B, num_mels, F] → waveform [B, 1, F·hop] in (-1, 1) (design §6.3)."""
 
     def __init__(self, config: VocoderConfig) -> None:
         super().__init__()
@@ -424,7 +424,7 @@ class HiFiGANHead(nn.Module):
 
 
 class Vocoder(nn.Module):
-    """`ADaMoSHiFiGANV1`: keys `backbone.*`, `head.*` (weight_g/weight_v) and `mel_transform.*` buffers (spec §6.3)."""
+    """`ADaMoSHiFiGANV1`: keys `backbone.*`, `head.*` (weight_g/weight_v) and `mel_transform.*` buffers (design §6.3)."""
 
     def __init__(self, config: VocoderConfig | None = None) -> None:
         super().__init__()
@@ -434,7 +434,7 @@ class Vocoder(nn.Module):
         self.mel_transform = LogMelSpectrogram(self.config)
 
     def decode(self, mel: Tensor) -> Tensor:
-        """Log-mel [B, n_mels, F] → mono waveform [B, 1, F·hop] at `sampling_rate` (spec §6.3)."""
+        """Log-mel [B, n_mels, F] → mono waveform [B, 1, F·hop] at `sampling_rate` (design §6.3)."""
         if mel.ndim != 3 or mel.shape[1] != self.config.n_mels or mel.shape[2] == 0:
             raise ValueError(f"mel must be [B, {self.config.n_mels}, frames] with frames > 0, got {tuple(mel.shape)}")
         return self.head(self.backbone(mel))

@@ -1,4 +1,4 @@
-"""Sampling of ACE-Step v1: sigma schedules, sampler functions, guidance rules and the guided velocity (spec §7)."""
+"""Sampling of ACE-Step v1: sigma schedules, sampler functions, guidance rules and the guided velocity (design §7)."""
 from .denoiser import GuidanceConfig, guided_velocity, make_guided_velocity, separate_branches
 from .guidance import MomentumBuffer, apg, cfg, cfg_zero_star, double_condition
 from .samplers import (

@@ -1,5 +1,5 @@
 """The adapter between the network and a sampler: the official per-step guidance logic of ACE-Step v1 around
-abstract model predictions (spec §7.5, §7.8).
+abstract model predictions (design §7.5, §7.8).
 
 The network side is one `predict(x, sigma, branches)` callable returning the velocity of each requested branch
 ("cond", "text" = text-only, "uncond"), in that order; the task layer decides whether to run them as separate
@@ -27,7 +27,7 @@ CFG_TYPES = ("apg", "cfg", "cfg_star")
 
 @dataclass(frozen=True)
 class GuidanceConfig:
-    """Guidance knobs with the defaults of the official `ACEStepPipeline.__call__` (spec §7.8)."""
+    """Guidance knobs with the defaults of the official `ACEStepPipeline.__call__` (design §7.8)."""
 
     guidance_scale: float = 15.0
     cfg_type: str = "apg"
@@ -63,17 +63,17 @@ class GuidanceConfig:
 
     @property
     def do_cfg(self) -> bool:
-        """Guidance runs at all iff guidance_scale is neither 0 nor 1 (spec §7.5)."""
+        """Guidance runs at all iff guidance_scale is neither 0 nor 1 (design §7.5)."""
         return self.guidance_scale not in (0.0, 1.0)
 
     @property
     def double_condition(self) -> bool:
-        """Double-condition guidance iff both guidance_scale_text and guidance_scale_lyric exceed 1 (spec §7.5)."""
+        """Double-condition guidance iff both guidance_scale_text and guidance_scale_lyric exceed 1 (design §7.5)."""
         return self.guidance_scale_text > 1.0 and self.guidance_scale_lyric > 1.0
 
     def branches(self, step_index: int, n_steps: int) -> tuple[Branch, ...]:
         """The predictions step `step_index` of an `n_steps` schedule needs: cond alone outside the guidance
-        interval, else cond, (text,) uncond (spec §7.5)."""
+        interval, else cond, (text,) uncond (design §7.5)."""
         start, end = guidance_interval(n_steps, self.guidance_interval)
         if not (self.do_cfg and start <= step_index < end):
             return ("cond",)
@@ -81,7 +81,7 @@ class GuidanceConfig:
 
 
 def separate_branches(cond: BranchFn, uncond: BranchFn, text: BranchFn | None = None) -> Predict:
-    """A `predict` making one model call per branch in the official order cond, text, uncond (spec §7.5)."""
+    """A `predict` making one model call per branch in the official order cond, text, uncond (design §7.5)."""
     functions = {"cond": cond, "uncond": uncond, "text": text}
 
     def predict(x: Tensor, sigma: Tensor, branches: tuple[Branch, ...]) -> tuple[Tensor, ...]:
@@ -104,7 +104,7 @@ def guided_velocity(
 ) -> Tensor:
     """Velocity of one step with the official guidance: interval by absolute `step_index` against the `n_steps`
     schedule (Heun: call index against N), scale decay, double-condition overriding cfg_type, APG updating
-    `momentum` (spec §7.5)."""
+    `momentum` (design §7.5)."""
     branches = config.branches(step_index, n_steps)
     predictions = predict(x, sigma, branches)
     if len(predictions) != len(branches) or any(p.shape != x.shape for p in predictions):
@@ -128,7 +128,7 @@ def guided_velocity(
 
 def make_guided_velocity(config: GuidanceConfig, n_steps: int, predict: Predict) -> Velocity:
     """A sampler `Velocity` for one generation: `guided_velocity` with a fresh APG momentum buffer that persists
-    across its guided steps; `n_steps` is the schedule's step count N (len(sigmas) − 1), also for Heun (spec §7.5)."""
+    across its guided steps; `n_steps` is the schedule's step count N (len(sigmas) − 1), also for Heun (design §7.5)."""
     momentum = MomentumBuffer()
 
     def velocity(x: Tensor, sigma: Tensor, step_index: int) -> Tensor:

@@ -1,4 +1,4 @@
-"""Guidance rules of ACE-Step v1 as pure functions on velocity predictions [B, C, H, W] (spec §7.5).
+"""Guidance rules of ACE-Step v1 as pure functions on velocity predictions [B, C, H, W] (design §7.5).
 
 Official source of the formulas: ACE-Step `acestep/apg_guidance.py` (APG: Sadat et al. 2024, arXiv 2410.02416;
 CFG-Zero*: Fan et al. 2025, arXiv 2503.18886).
@@ -33,7 +33,7 @@ def _check_pair(v_cond: Tensor, other: Tensor, name: str = "v_uncond") -> None:
 
 
 def cfg(v_cond: Tensor, v_uncond: Tensor, scale: float) -> Tensor:
-    """Classifier-free guidance v_u + g·(v_c − v_u) (spec §7.5)."""
+    """Classifier-free guidance v_u + g·(v_c − v_u) (design §7.5)."""
     _check_scale("scale", scale)
     _check_pair(v_cond, v_uncond)
     return v_uncond + scale * (v_cond - v_uncond)
@@ -41,7 +41,7 @@ def cfg(v_cond: Tensor, v_uncond: Tensor, scale: float) -> Tensor:
 
 @dataclass
 class MomentumBuffer:
-    """APG running average r ← d + momentum·r, starting at 0, kept by the caller for one generation (spec §7.5)."""
+    """APG running average r ← d + momentum·r, starting at 0, kept by the caller for one generation (design §7.5)."""
 
     momentum: float = APG_MOMENTUM
     running_average: Tensor | None = None
@@ -56,7 +56,7 @@ class MomentumBuffer:
 
 
 def project(v: Tensor, onto: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """(parallel, orthogonal) parts of `v` relative to `onto` over `dims`, computed in float64 (spec §7.5)."""
+    """(parallel, orthogonal) parts of `v` relative to `onto` over `dims`, computed in float64 (design §7.5)."""
     v64, onto64 = v.double(), onto.double()
     unit = onto64 / onto64.norm(p=2, dim=dims, keepdim=True).clamp_min(NORMALIZE_EPS)
     parallel = (v64 * unit).sum(dim=dims, keepdim=True) * unit
@@ -74,7 +74,7 @@ def apg(
     dims: Sequence[int] = (-1, -2),
 ) -> Tensor:
     """Adaptive projected guidance: momentum on d = v_c − v_u (updates `momentum_buffer` in place), L2 clip of d
-    to `norm_threshold` over `dims`, then v_c + (g − 1)·(d⊥ + eta·d∥) with d split along v_c (spec §7.5)."""
+    to `norm_threshold` over `dims`, then v_c + (g − 1)·(d⊥ + eta·d∥) with d split along v_c (design §7.5)."""
     _check_scale("scale", scale)
     _check_scale("eta", eta)
     _check_scale("norm_threshold", norm_threshold)
@@ -99,7 +99,7 @@ def cfg_zero_star(
     use_zero_init: bool = True,
 ) -> Tensor:
     """CFG-Zero*: 0 while step_index ≤ zero_steps (with use_zero_init), else α·v_u + g·(v_c − α·v_u) with
-    α = ⟨v_c, v_u⟩/(‖v_u‖² + 1e-8) per batch item (spec §7.5)."""
+    α = ⟨v_c, v_u⟩/(‖v_u‖² + 1e-8) per batch item (design §7.5)."""
     _check_scale("scale", scale)
     _check_pair(v_cond, v_uncond)
     if use_zero_init and step_index <= zero_steps:
@@ -116,7 +116,7 @@ def double_condition(
     v_cond: Tensor, v_uncond: Tensor, v_text: Tensor, scale_text: float, scale_lyric: float
 ) -> Tensor:
     """Double-condition guidance (1 − g_t)·v_u + (g_t − g_l)·v_text + g_l·v_c, v_text from text-only
-    conditioning (spec §7.5)."""
+    conditioning (design §7.5)."""
     _check_scale("scale_text", scale_text)
     _check_scale("scale_lyric", scale_lyric)
     _check_pair(v_cond, v_uncond)

@@ -1,4 +1,4 @@
-"""Euler, Heun and PingPong samplers of ACE-Step v1 as functions over a sigma schedule (spec §7.2–7.4).
+"""Euler, Heun and PingPong samplers of ACE-Step v1 as functions over a sigma schedule (design §7.2–7.4).
 
 A sampler calls `velocity(x, sigma, call_index)` once per model call, with `sigma` a 0-d float32 tensor (the model
 timestep is 1000·sigma) and `call_index` the official loop index: the step for Euler/PingPong, the model call
@@ -19,7 +19,7 @@ Callback = Callable[[int, int, Tensor], None]
 
 
 def omega_factor(omega_scale: float) -> float:
-    """Granularity factor ω' = 0.9 + 0.2/(1 + exp(−0.1·ω)); ω = 0 gives 1 (spec §7.2)."""
+    """Granularity factor ω' = 0.9 + 0.2/(1 + exp(−0.1·ω)); ω = 0 gives 1 (design §7.2)."""
     return 0.9 + (1.1 - 0.9) / (1 + math.exp(-0.1 * omega_scale))
 
 
@@ -30,7 +30,7 @@ def _as_sigma(sigma: Tensor | float, like: Tensor) -> Tensor:
 
 def _apply_dx(x32: Tensor, dx: Tensor, omega_scale: float | None) -> Tensor:
     """x + dx, with the mean-preserving omega rescale (dx − m)·ω' + m, m = mean over the WHOLE tensor (batch
-    included, official coupling) unless omega_scale is None (spec §7.2)."""
+    included, official coupling) unless omega_scale is None (design §7.2)."""
     if omega_scale is None:
         return x32 + dx
     mean = dx.mean()
@@ -41,13 +41,13 @@ def euler_step(
     x: Tensor, v: Tensor, sigma: Tensor | float, sigma_next: Tensor | float, omega_scale: float | None = None
 ) -> Tensor:
     """One Euler step x + (σ_next − σ)·v in float32, omega-rescaled unless omega_scale is None (plain, as repaint
-    and flow-edit use it), cast back to x.dtype (spec §7.2, §8)."""
+    and flow-edit use it), cast back to x.dtype (design §7.2, §8)."""
     dx = (_as_sigma(sigma_next, x) - _as_sigma(sigma, x)) * v.float()
     return _apply_dx(x.float(), dx, omega_scale).to(x.dtype)
 
 
 def pingpong_step(x: Tensor, v: Tensor, sigma: Tensor | float, sigma_next: Tensor | float, noise: Tensor) -> Tensor:
-    """One PingPong step: x0̂ = x − σ·v, then (1 − σ_next)·x0̂ + σ_next·noise in float32, cast back (spec §7.4)."""
+    """One PingPong step: x0̂ = x − σ·v, then (1 − σ_next)·x0̂ + σ_next·noise in float32, cast back (design §7.4)."""
     sigma_next = _as_sigma(sigma_next, x)
     denoised = x.float() - _as_sigma(sigma, x) * v.float()
     return ((1 - sigma_next) * denoised + sigma_next * noise.to(device=x.device, dtype=torch.float32)).to(x.dtype)
@@ -84,7 +84,7 @@ def sample_euler(
     omega_scale: float | None = 10.0,
     callback: Callback | None = None,
 ) -> Tensor:
-    """Euler over `sigmas` (N steps, N model calls) with the omega rescale (spec §7.2)."""
+    """Euler over `sigmas` (N steps, N model calls) with the omega rescale (design §7.2)."""
     sigmas = _check_inputs(x, sigmas)
     n_steps = sigmas.numel() - 1
     for i in range(n_steps):
@@ -96,7 +96,7 @@ def sample_euler(
 
 
 def _derivative(x32: Tensor, v: Tensor, sigma: Tensor) -> Tensor:
-    """Heun slope (x − x0̂)/σ with x0̂ = x − σ·v, in float32 as the official scheduler forms it (spec §7.3)."""
+    """Heun slope (x − x0̂)/σ with x0̂ = x − σ·v, in float32 as the official scheduler forms it (design §7.3)."""
     denoised = x32 - v.float() * sigma
     return (x32 - denoised) / sigma
 
@@ -111,7 +111,7 @@ def sample_heun(
 ) -> Tensor:
     """Heun over `sigmas` (any schedule, oss included): 2N − 1 model calls, call 2i at σ_i on x_i and call 2i + 1
     at σ_{i+1} on the Euler prediction, the last step plain Euler; omega rescale on dx in both kinds of step;
-    the callback also sees the Euler predictions (spec §7.3)."""
+    the callback also sees the Euler predictions (design §7.3)."""
     sigmas = _check_inputs(x, sigmas)
     if not bool((sigmas[:-1] > 0).all()):
         raise ValueError(f"Heun needs every sigma but the last to be > 0, got {sigmas.tolist()}")
@@ -136,7 +136,7 @@ def sample_heun(
 
 def generator_noise(generators: torch.Generator | Sequence[torch.Generator]) -> NoiseFn:
     """PingPong noise source: float32 normal draws of the full batch shape from the FIRST generator only, made
-    on that generator's device (official coupling, spec §7.4, §7.9)."""
+    on that generator's device (official coupling, design §7.4, §7.9)."""
     if isinstance(generators, torch.Generator):
         generator = generators
     elif len(generators) > 0 and isinstance(generators[0], torch.Generator):
@@ -161,7 +161,7 @@ def sample_pingpong(
 ) -> Tensor:
     """PingPong SDE over `sigmas`: x0̂ = x − σ_i·v, re-noised to σ_{i+1} with fresh noise each step (the last
     step still draws); noise from `generator` (its first item) or `noise_fn(step, shape)`; omega unused
-    (spec §7.4)."""
+    (design §7.4)."""
     if (generator is None) == (noise_fn is None):
         raise ValueError("sample_pingpong needs exactly one of generator or noise_fn")
     sigmas = _check_inputs(x, sigmas)

@@ -1,4 +1,4 @@
-"""Flow-matching sigma schedules of ACE-Step v1 and the guidance interval (spec §7.1, §7.3, §7.5, §7.7, §8).
+"""Flow-matching sigma schedules of ACE-Step v1 and the guidance interval (design §7.1, §7.3, §7.5, §7.7, §8).
 
 Every schedule is a float32 tensor of N+1 sigmas running from the first noise level down to a trailing 0;
 the model timestep is `1000·σ` (multiplied at the model input, in float32, as the official scheduler does).
@@ -17,7 +17,7 @@ DEFAULT_SHIFT = 3.0
 
 
 def flow_shift(s, shift: float):
-    """Time shift `shift·s / (1 + (shift − 1)·s)` on a float or tensor, in its own precision (spec §7.1)."""
+    """Time shift `shift·s / (1 + (shift − 1)·s)` on a float or tensor, in its own precision (design §7.1)."""
     return shift * s / (1 + (shift - 1) * s)
 
 
@@ -43,7 +43,7 @@ def _check_shift(shift: float) -> None:
 
 
 def _train_sigma_range(shift: float, sigma_max: float) -> tuple[float, float]:
-    """(largest, smallest) training sigma of the official scheduler built with `sigma_max`, in float32 (spec §7.1)."""
+    """(largest, smallest) training sigma of the official scheduler built with `sigma_max`, in float32 (design §7.1)."""
     ends = torch.tensor([sigma_max * NUM_TRAIN_TIMESTEPS, 1.0], dtype=torch.float32) / NUM_TRAIN_TIMESTEPS
     largest, smallest = flow_shift(ends, shift).tolist()
     return largest, smallest
@@ -61,7 +61,7 @@ def _linspace64(start: float, stop: float, n: int) -> Tensor:
 
 def official_sigmas(steps: int, shift: float = DEFAULT_SHIFT, sigma_max: float = 1.0) -> Tensor:
     """Sigmas [steps+1] of the official FlowMatch schedulers: a float64 linspace between the shifted training
-    bounds, shifted again, cast to float32, with a trailing 0 (spec §7.1; `sigma_max` < 1 is audio2audio, §8)."""
+    bounds, shifted again, cast to float32, with a trailing 0 (design §7.1; `sigma_max` < 1 is audio2audio, §8)."""
     _check_steps("steps", steps)
     _check_shift(shift)
     _check_finite("sigma_max", sigma_max)
@@ -75,14 +75,14 @@ def official_sigmas(steps: int, shift: float = DEFAULT_SHIFT, sigma_max: float =
 
 def heun_call_sigmas(sigmas: Tensor) -> Tensor:
     """The official Heun scheduler's sigma list [2N]: σ0, σ1, σ1, …, σ_{N−1}, σ_{N−1}, 0; entry k (k < 2N−1) is
-    the noise level of model call k, whose timestep is 1000·entry (spec §7.3)."""
+    the noise level of model call k, whose timestep is 1000·entry (design §7.3)."""
     if sigmas.ndim != 1 or sigmas.numel() < 2:
         raise ValueError(f"sigmas must be a 1-D tensor of at least 2 values, got shape {tuple(sigmas.shape)}")
     return torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]])
 
 
 def parse_oss_steps(oss_steps: str | Sequence[int] | None) -> list[int]:
-    """The oss_steps list from "16, 29, 52" or a sequence; empty text or None give [] (no oss) (spec §7.7)."""
+    """The oss_steps list from "16, 29, 52" or a sequence; empty text or None give [] (no oss) (design §7.7)."""
     if oss_steps is None:
         return []
     if isinstance(oss_steps, str):
@@ -108,7 +108,7 @@ def oss_sigmas(
 ) -> Tensor:
     """Sigmas [len(oss)+1] for an oss_steps subset: timestep t[k−1] of the max(oss)-step schedule for each k,
     rounded to `rounding_dtype` (the model dtype: bf16 officially) and divided by 1000 in it, then shifted a
-    second time in float32, trailing 0 (spec §7.7). Works with every sampler, Heun included."""
+    second time in float32, trailing 0 (design §7.7). Works with every sampler, Heun included."""
     steps = parse_oss_steps(oss_steps)
     if not steps:
         raise ValueError("oss_steps is empty; give step numbers like '16, 29, 52' or use official_sigmas")
@@ -124,7 +124,7 @@ def oss_sigmas(
 
 
 class Audio2AudioSchedule(NamedTuple):
-    """Sigmas of an audio2audio run and the noise level σ* at which the reference is mixed with noise (spec §8)."""
+    """Sigmas of an audio2audio run and the noise level σ* at which the reference is mixed with noise (design §8)."""
 
     sigmas: Tensor
     start_sigma: float
@@ -132,7 +132,7 @@ class Audio2AudioSchedule(NamedTuple):
 
 def audio2audio_sigmas(steps: int, ref_strength: float, shift: float = DEFAULT_SHIFT) -> Audio2AudioSchedule:
     """Audio2audio schedule: scheduler built with sigma_max = 1 − a, N' = int((1 − a)·N) steps; start
-    x = (1 − σ*)·ref + σ*·noise with σ* = shift(1 − a) (the sigmas are shifted once more) (spec §8)."""
+    x = (1 − σ*)·ref + σ*·noise with σ* = shift(1 − a) (the sigmas are shifted once more) (design §8)."""
     _check_steps("steps", steps)
     _check_finite("ref_strength", ref_strength, 0.0, 1.0)
     sigma_max = 1 - ref_strength
@@ -148,7 +148,7 @@ def audio2audio_sigmas(steps: int, ref_strength: float, shift: float = DEFAULT_S
 
 def guidance_interval(n_steps: int, interval: float) -> tuple[int, int]:
     """Guided step indices start ≤ i < end: start = int(N·(1 − gi)/2), end = int(N·(gi/2 + 0.5)); N is the number
-    of schedule steps even for Heun, whose call index runs over 2N − 1 calls (official quirk) (spec §7.5)."""
+    of schedule steps even for Heun, whose call index runs over 2N − 1 calls (official quirk) (design §7.5)."""
     _check_steps("n_steps", n_steps)
     _check_finite("guidance_interval", interval, 0.0, 1.0)
     start = int(n_steps * ((1 - interval) / 2))
@@ -160,7 +160,7 @@ def guidance_scale_at(
     step: int, start: int, end: int, scale: float, decay: float = 0.0, min_scale: float = 3.0
 ) -> float:
     """Guidance scale at guided step `step` of [start, end): g − (g − g_min)·decay·(step − start)/(end − start − 1)
-    when decay > 0, else g (spec §7.5). A one-step interval (where the official code divides by zero) uses the
+    when decay > 0, else g (design §7.5). A one-step interval (where the official code divides by zero) uses the
     full scale g, the value the linear decay starts from."""
     _check_finite("guidance_scale", scale)
     _check_finite("guidance_interval_decay", decay, 0.0)

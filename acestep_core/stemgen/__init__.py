@@ -1,5 +1,5 @@
 """StemGen and singing-to-accompaniment for ACE-Step v1: a trainable ControlNet-style branch plus a LoRA over the
-frozen base transformer (spec §2.3, §8 StemGen note; docs/stemgen.md). No pretrained weights exist; train them
+frozen base transformer (design §2.3, §8 StemGen note; docs/stemgen.md). No pretrained weights exist; train them
 with `python -m acestep_core.stemgen.train`.
 
 `control` (the branch and the controlled decode) → `weights` (the file format) → `generate` (sampling and

@@ -1,5 +1,5 @@
 """The StemGen control branch: a ControlNet-style trainable copy of the first K transformer blocks that reads a
-reference track, and the decode that injects it into the frozen base transformer (spec §2.3, §8 StemGen note).
+reference track, and the decode that injects it into the frozen base transformer (design §2.3, §8 StemGen note).
 
 Data flow of `controlled_decode` (mirrors `AceStepTransformer.decode` step for step):
 
@@ -81,7 +81,7 @@ class ControlConfig:
     @classmethod
     def for_transformer(cls, config: TransformerConfig, *, task: str = "stemgen",
                         control_blocks: int = 6) -> ControlConfig:
-        """The control shape that fits a base transformer (spec §2.1)."""
+        """The control shape that fits a base transformer (design §2.1)."""
         return cls(task=task, control_blocks=control_blocks, inner_dim=config.inner_dim,
                    num_layers=config.num_layers, num_attention_heads=config.num_attention_heads,
                    attention_head_dim=config.attention_head_dim, ff_hidden=config.ff_hidden,
@@ -268,7 +268,7 @@ def controlled_decode(transformer: AceStepTransformer, control: StemGenControl, 
                       checkpointing: bool = False) -> Tensor:
     """Velocity [B,C,16,T] of the base transformer with the control branch injected after blocks 0..K−1.
 
-    Same math and options as `AceStepTransformer.decode` (spec §2.3: masks None = all ones, both None skip the
+    Same math and options as `AceStepTransformer.decode` (design §2.3: masks None = all ones, both None skip the
     mask arithmetic; erg_tau a float or one temperature per item; linear_ff) plus the control residuals;
     `reference` is the reference track's latent (same shape as x), `timbre` an optional `timbre_vector`. With
     control_scale 0 or an untrained branch the result equals `transformer.decode(...)` with the same options.

@@ -1,7 +1,7 @@
 """Generation with a StemGen control branch: sample a stem (or an accompaniment) for a reference track, and mix it
 back with the reference (docs/stemgen.md).
 
-The sampler is the ordinary one (spec §7: schedule, Euler/Heun/PingPong, CFG/APG/CFG-Zero*, ERG); only the
+The sampler is the ordinary one (design §7: schedule, Euler/Heun/PingPong, CFG/APG/CFG-Zero*, ERG); only the
 network call changes: every guidance branch runs `controlled_decode` with the same reference latent and timbre,
 so guidance pushes towards the instrument tags while the control keeps the stem in time with the reference.
 The LoRA of a StemGen file is applied by the caller (node: on the model's LoRA stack; scripts: `stemgen_lora`).
@@ -42,7 +42,7 @@ def make_control_predict(transformer, control: StemGenControl, branches: Branche
                          timbre: Tensor | None, control_scale: float, options: SamplerOptions):
     """`predict(x, sigma, names)` for the guidance adapter: the requested branches through `controlled_decode`,
     one call each, or one batched call (ERG as a per-item temperature) with `options.batch_branches`;
-    `linear_ff` and `skip_full_masks` as in the base sampler (spec §7.5)."""
+    `linear_ff` and `skip_full_masks` as in the base sampler (design §7.5)."""
     tau = {"cond": None, "text": None, "uncond": ERG_TAU if branches.erg_diffusion else None}
     full = options.skip_full_masks and bool((branches.mask == 1).all())
 
@@ -107,7 +107,7 @@ def generate_latent(transformer, control: StemGenControl, cond: Conditioning, re
 
 
 def encode_reference(model, waveform: Tensor, sample_rate: int) -> Tensor:
-    """Reference audio [B,C,L] / [C,L] → its DCAE latent [B,8,16,T] (spec §1)."""
+    """Reference audio [B,C,L] / [C,L] → its DCAE latent [B,8,16,T] (design §1)."""
     return encode_audio(model.dcae, model.vocoder.mel_transform, waveform, sample_rate)
 
 

@@ -1,5 +1,5 @@
 """Training of a StemGen / singing-to-accompaniment control branch plus a LoRA of the frozen base transformer
-(docs/stemgen.md; objective of spec §11).
+(docs/stemgen.md; objective of design §11).
 
 Per step: a batch of cached (reference, target, tags) pairs cropped to `max_seconds`; σ from the official
 logit-normal table (shift 3), noise ε, x_σ = σ·ε + (1 − σ)·target; the tags' UMT5 states are zeroed per item

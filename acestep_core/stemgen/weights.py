@@ -4,7 +4,7 @@ Tensors
   control.<name>                       the `StemGenControl` state dict (`control.proj_in.*`,
                                        `control.control_in.*`, `control.timbre_proj.weight`,
                                        `control.transformer_blocks.{i}.*`, `control.control_out.{i}.*`)
-  lora.<module path>.lora_A.weight     LoRA of the base transformer in the official naming (spec §9) behind the
+  lora.<module path>.lora_A.weight     LoRA of the base transformer in the official naming (design §9) behind the
   lora.<module path>.lora_B.weight     prefix `lora.`; the training scale is folded into B, so strength 1.0
                                        with `ΔW = strength·B·A` reproduces the trained model
 Header metadata

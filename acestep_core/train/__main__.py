@@ -1,4 +1,4 @@
-"""`python -m acestep_core.train`: the command line of the trainer (flags of the official trainer.py, spec §11).
+"""`python -m acestep_core.train`: the command line of the trainer (flags of the official trainer.py, design §11).
 
 Examples
   LoRA, one GPU:   python -m acestep_core.train --dataset_path ./data --checkpoint_dir ./ACE-Step-v1-3.5B \\

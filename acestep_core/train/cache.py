@@ -1,5 +1,5 @@
 """Encode every training item once (DCAE latent, UMT5 text states, lyric ids, optional REPA features) into
-safetensors files under the cache folder, and the dataset that reads them back (spec §11).
+safetensors files under the cache folder, and the dataset that reads them back (design §11).
 
 Files, each named by the sha256 of what it depends on, so a changed input gets a new file and epochs (and later
 runs) never re-encode:
@@ -227,7 +227,7 @@ class CachedDataset(torch.utils.data.Dataset):
         return len(self.entries)
 
     def prompt_index(self, index: int) -> int:
-        """The prompt variant of item `index` in the current epoch (official odds, spec §11)."""
+        """The prompt variant of item `index` in the current epoch (official odds, design §11)."""
         entry = self.entries[index]
         rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
         return choose_prompt(entry.n_recaptions, len(entry.prompts) - entry.n_recaptions, rng)
@@ -276,7 +276,7 @@ def _pad_stack(tensors: Sequence[Tensor]) -> Tensor:
 
 
 def collate(items: Sequence[dict]) -> Batch:
-    """Pad latents (frame mask marks real frames), text states/masks and lyric ids/masks with zeros (spec §11)."""
+    """Pad latents (frame mask marks real frames), text states/masks and lyric ids/masks with zeros (design §11)."""
     frames = [item["latent"].shape[-1] for item in items]
     latents = _pad_stack([item["latent"].permute(2, 0, 1) for item in items]).permute(0, 2, 3, 1)  # [B, C, H, T]
     frame_mask = (torch.arange(max(frames))[None] < torch.tensor(frames)[:, None]).float()          # [B, T]

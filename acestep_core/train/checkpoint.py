@@ -40,7 +40,7 @@ _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def transformer_config_json(config) -> dict:
-    """config.json of the official ACEStepTransformer2DModel for a TransformerConfig (spec §2.1)."""
+    """config.json of the official ACEStepTransformer2DModel for a TransformerConfig (design §2.1)."""
     return {
         "_class_name": "ACEStepTransformer2DModel", "in_channels": config.in_channels,
         "out_channels": config.out_channels, "num_layers": config.num_layers,

@@ -1,7 +1,7 @@
 """`python -m acestep_core.train.convert <audio folder> <out>`: folder of audio files with official sidecars
 (`name_prompt.txt`, `name_lyrics.txt`, or `name.json`) → records JSONL (`<out>.jsonl`, or <out> itself when it
 ends in .jsonl), and with --hf also a Hugging Face dataset saved to disk (needs `datasets`), like the official
-convert2hf_dataset.py (spec §11).
+convert2hf_dataset.py (design §11).
 """
 from __future__ import annotations
 

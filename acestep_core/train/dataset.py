@@ -1,5 +1,5 @@
 """Training data of ACE-Step v1: the official record format, where records come from, audio loading and the
-prompt/lyric preparation of the official `Text2MusicDataset` (spec §11).
+prompt/lyric preparation of the official `Text2MusicDataset` (design §11).
 
 A record has the keys of the official Hugging Face dataset written by `convert2hf_dataset.py`: `keys` (name),
 `filename` (audio path), `tags` (list of prompt tags), `speaker_emb_path` ("" = zeros), `norm_lyrics` and
@@ -32,7 +32,7 @@ from torch import Tensor
 from ..audio import resample
 
 TRAIN_SAMPLE_RATE = 48000
-"""The official loader brings every file to 48 kHz; the DCAE encode resamples it to 44.1 kHz (spec §11)."""
+"""The official loader brings every file to 48 kHz; the DCAE encode resamples it to 44.1 kHz (design §11)."""
 MIN_SECONDS = 3
 MAX_SECONDS = 240
 SILENT_FRACTION = 0.95
@@ -48,7 +48,7 @@ _NO_LYRICS = re.compile(r"write a .* song that genre is")
 
 @dataclass(frozen=True)
 class Record:
-    """One training item in the official dataset format (spec §11)."""
+    """One training item in the official dataset format (design §11)."""
 
     keys: str
     filename: str
@@ -96,7 +96,7 @@ class Record:
 
 
 def read_records(path: str | Path) -> list[Record]:
-    """Records from a HF dataset folder, a .jsonl file or a folder of audio files with sidecars (spec §11)."""
+    """Records from a HF dataset folder, a .jsonl file or a folder of audio files with sidecars (design §11)."""
     path = Path(path).expanduser()
     if path.is_file():
         if path.suffix.lower() not in (".jsonl", ".json"):
@@ -185,7 +185,7 @@ def write_jsonl(records: Sequence[Record], path: str | Path) -> Path:
 
 
 def load_training_audio(filename: str | Path) -> Tensor | None:
-    """Stereo float32 [2, L] at 48 kHz as the official loader makes it; None when the file is (nearly) silent (spec §11)."""
+    """Stereo float32 [2, L] at 48 kHz as the official loader makes it; None when the file is (nearly) silent (design §11)."""
     import soundfile
 
     try:
@@ -237,7 +237,7 @@ def choose_prompt(n_recaptions: int, n_tag_prompts: int, rng: random.Random) -> 
 
 
 def training_lyric_ids(tokenizer, lyrics: str) -> tuple[list[int], list[int]]:
-    """(ids, mask) with the official training conventions: no lyrics → [0]/[1]; at most 4096 ids (spec §11)."""
+    """(ids, mask) with the official training conventions: no lyrics → [0]/[1]; at most 4096 ids (design §11)."""
     if not lyrics.strip() or _NO_LYRICS.search(lyrics):
         return [0], [1]
     ids = tokenizer.encode(lyrics)[:MAX_LYRIC_TOKENS]

@@ -1,5 +1,5 @@
 """What the trainer does besides stepping: the fixed-noise validation loss and the evaluation clips written every
-`--every_plot_step` steps (official `plot_step`: generate, decode, save wav + prompt text), spec §11.
+`--every_plot_step` steps (official `plot_step`: generate, decode, save wav + prompt text), design §11.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def validation_loss(model: nn.Module, dataset: CachedDataset, table: Tensor, env
 
 class EvalAudioWriter:
     """Generates a short clip with the training transformer and decodes it with the DCAE + vocoder (kept on the
-    CPU between calls), writing `eval_results/step_<S>/pred_wav_<key>_0.wav` and the prompt text (spec §11)."""
+    CPU between calls), writing `eval_results/step_<S>/pred_wav_<key>_0.wav` and the prompt text (design §11)."""
 
     def __init__(self, checkpoint: str | Path, log_dir: Path, *, seconds: float, steps: int, seed: int):
         self.checkpoint = checkpoint

@@ -1,4 +1,4 @@
-"""Trainable LoRA layers for the ACE-Step transformer, injected PEFT-style, saved in the official file format (spec §9).
+"""Trainable LoRA layers for the ACE-Step transformer, injected PEFT-style, saved in the official file format (design §9).
 
 Injection. `LoraSpec` reads the PEFT `LoraConfig` JSON the official trainer uses (`r`, `lora_alpha`,
 `target_modules`, `use_rslora`, `lora_dropout`). A list of `target_modules` matches like PEFT: a module whose
@@ -46,7 +46,7 @@ _IGNORED_KEYS = {
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """The LoRA hyper-parameters of a PEFT LoraConfig (spec §9, official config/zh_rap_lora_config.json)."""
+    """The LoRA hyper-parameters of a PEFT LoraConfig (design §9, official config/zh_rap_lora_config.json)."""
 
     r: int = 16
     lora_alpha: float = 32.0
@@ -128,7 +128,7 @@ class LoraSpec:
 
 
 class LinearLora(nn.Linear):
-    """nn.Linear with a trainable low-rank update: y = W·x + b + scale·B(A(dropout(x))) (spec §9)."""
+    """nn.Linear with a trainable low-rank update: y = W·x + b + scale·B(A(dropout(x))) (design §9)."""
 
     def __init__(self, base: nn.Linear, rank: int, scale: float, dropout: float = 0.0):
         nn.Module.__init__(self)
@@ -151,7 +151,7 @@ class LinearLora(nn.Linear):
 
 
 def inject_lora(model: nn.Module, spec: LoraSpec) -> dict[str, LinearLora]:
-    """Freeze `model` and wrap every targeted nn.Linear in a LinearLora; returns {module path: layer} (spec §9)."""
+    """Freeze `model` and wrap every targeted nn.Linear in a LinearLora; returns {module path: layer} (design §9)."""
     model.requires_grad_(False)
     targets = [(name, module) for name, module in model.named_modules() if name and spec.matches(name)]
     wrong = [f"{name} ({type(module).__name__})" for name, module in targets if type(module) is not nn.Linear]
@@ -218,7 +218,7 @@ def export_lora_tensors(model: nn.Module) -> dict[str, Tensor]:
 
 def save_lora(model: nn.Module, folder: str | Path, spec: LoraSpec, *, adapter_name: str = "lora_adapter",
               step: int | None = None) -> Path:
-    """Write `<folder>/pytorch_lora_weights.safetensors` in the official format (scale folded into B, spec §9)."""
+    """Write `<folder>/pytorch_lora_weights.safetensors` in the official format (scale folded into B, design §9)."""
     from safetensors.torch import save_file
 
     tensors = export_lora_tensors(model)
@@ -246,7 +246,7 @@ def drop_unused_modules(transformer: nn.Module, *, keep_projectors: bool) -> lis
     """Delete modules the training forward never runs (cross_attn.add_*/to_add_out; projectors unless REPA).
 
     Only for LoRA training, where the full state dict is never saved: frees ≈1.26 GB (+0.18 GB of REPA heads)
-    of bf16 weights on the real model (spec §2.2). Returns the deleted module paths.
+    of bf16 weights on the real model (design §2.2). Returns the deleted module paths.
     """
     dropped = []
     for name, module in list(transformer.named_modules()):

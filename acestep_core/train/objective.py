@@ -1,5 +1,5 @@
 """Training objective of ACE-Step v1: flow-matching noising, the x0-preconditioned masked MSE, logit-normal
-timesteps through the shifted 1000-entry table, condition dropout and the REPA alignment loss (spec §11).
+timesteps through the shifted 1000-entry table, condition dropout and the REPA alignment loss (design §11).
 
 `training_forward` runs the transformer the way `AceStepTransformer.encode` + `decode` do, but block by block from
 the transformer's own submodules, so that each transformer and Conformer block can be wrapped in
@@ -24,14 +24,14 @@ from ..models.transformer import AceStepTransformer, LinearTransformerBlock, tim
 from ..sampling.schedules import NUM_TRAIN_TIMESTEPS, flow_shift
 
 REPA_BLOCK = 8
-"""Hidden states after this block (0-based) feed both REPA projectors (official ssl_encoder_depths [8, 8], spec §11)."""
+"""Hidden states after this block (0-based) feed both REPA projectors (official ssl_encoder_depths [8, 8], design §11)."""
 TEXT_DROPOUT = 0.15
 SPEAKER_DROPOUT = 0.5
 LYRIC_DROPOUT = 0.15
 
 
 def training_sigmas(shift: float = 3.0, num_steps: int = NUM_TRAIN_TIMESTEPS) -> Tensor:
-    """The official training table [1000] in float32, entry k = shift((1000 − k)/1000): 1.0 down to shift(0.001) (spec §11)."""
+    """The official training table [1000] in float32, entry k = shift((1000 − k)/1000): 1.0 down to shift(0.001) (design §11)."""
     if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
         raise ValueError(f"shift must be a finite number > 0 (ACE-Step trains with 3.0), got {shift!r}")
     s = torch.arange(num_steps, 0, -1, dtype=torch.float32) / num_steps
@@ -39,20 +39,20 @@ def training_sigmas(shift: float = 3.0, num_steps: int = NUM_TRAIN_TIMESTEPS) ->
 
 
 def sample_sigmas(batch: int, table: Tensor, generator: torch.Generator, mean: float = 0.0, std: float = 1.0) -> Tensor:
-    """Logit-normal indices k = clamp(floor(1000·sigmoid(u)), 0, 999), u ~ N(mean, std) on the CPU; returns table[k] [B] (spec §11)."""
+    """Logit-normal indices k = clamp(floor(1000·sigmoid(u)), 0, 999), u ~ N(mean, std) on the CPU; returns table[k] [B] (design §11)."""
     u = torch.normal(mean, std, size=(batch,), generator=generator, device="cpu")
     index = (torch.sigmoid(u) * table.numel()).long().clamp(0, table.numel() - 1)
     return table[index]
 
 
 def add_noise(x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
-    """x_σ = σ·ε + (1 − σ)·x0 with σ [B] broadcast over [B, C, H, T] (spec §11)."""
+    """x_σ = σ·ε + (1 − σ)·x0 with σ [B] broadcast over [B, C, H, T] (design §11)."""
     s = sigma.to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
     return s * noise + (1 - s) * x0
 
 
 def denoising_loss(velocity: Tensor, x_sigma: Tensor, x0: Tensor, sigma: Tensor, frame_mask: Tensor) -> Tensor:
-    """Per-sample loss [B]: x0̂ = x_σ − σ·v, mean((mask·(x0̂ − x0))²) · mean(mask), in float32 (official trainer, spec §11)."""
+    """Per-sample loss [B]: x0̂ = x_σ − σ·v, mean((mask·(x0̂ − x0))²) · mean(mask), in float32 (official trainer, design §11)."""
     s = sigma.float().view(-1, 1, 1, 1)
     pred = x_sigma.float() - s * velocity.float()                              # [B, C, H, T]
     mask = frame_mask.float()[:, None, None, :].expand_as(pred)
@@ -74,7 +74,7 @@ class Conditions:
 
 def drop_conditions(cond: Conditions, generator: torch.Generator, *, text: float = TEXT_DROPOUT,
                     speaker: float = SPEAKER_DROPOUT, lyrics: float = LYRIC_DROPOUT) -> Conditions:
-    """Independent per-item dropout: text states zeroed (mask kept), speaker zeroed, lyric ids and mask zeroed (spec §11).
+    """Independent per-item dropout: text states zeroed (mask kept), speaker zeroed, lyric ids and mask zeroed (design §11).
 
     Three draws of rand(B) on the generator's device in the official order text, speaker, lyrics.
     """
@@ -102,7 +102,7 @@ def _run_block(block: LinearTransformerBlock, h: Tensor, temb: Tensor, encoder_s
 def training_encode(transformer: AceStepTransformer, cond: Conditions, *,
                     checkpointing: bool = False) -> tuple[Tensor, Tensor]:
     """`transformer.encode` with each Conformer block optionally checkpointed: [speaker | text | lyrics] states
-    [B,S,D] and mask [B,S] (spec §2.3 encode, §3). Without checkpointing a LoRA in the lyric encoder would keep
+    [B,S,D] and mask [B,S] (design §2.3 encode, §3). Without checkpointing a LoRA in the lyric encoder would keep
     every block's [B,16,L,L] attention maps for the backward pass (≈1 GB each at the 4096-token limit)."""
     dtype = transformer.dtype
     speaker = transformer.speaker_embedder(cond.speaker.to(dtype))[:, None]             # [B, 1, D]
@@ -122,7 +122,7 @@ def training_encode(transformer: AceStepTransformer, cond: Conditions, *,
 def training_forward(transformer: AceStepTransformer, x: Tensor, frame_mask: Tensor, cond: Conditions,
                      timestep: Tensor, *, checkpointing: bool = False,
                      capture_block: int | None = None) -> tuple[Tensor, Tensor | None]:
-    """Velocity [B,C,16,T] of `transformer` at x, plus the hidden states [B,T,D] after `capture_block` (spec §2.3, §11)."""
+    """Velocity [B,C,16,T] of `transformer` at x, plus the hidden states [B,T,D] after `capture_block` (design §2.3, §11)."""
     config = transformer.config
     dtype = transformer.dtype
     encoder_states, encoder_mask = training_encode(transformer, cond, checkpointing=checkpointing)  # [B,S,D], [B,S]
@@ -146,7 +146,7 @@ def training_forward(transformer: AceStepTransformer, x: Tensor, frame_mask: Ten
 
 
 def repa_loss(projected: Sequence[Tensor], targets: Sequence[Sequence[Tensor]], frame_mask: Tensor) -> list[Tensor]:
-    """REPA loss per projector: Σ_b mean_t(1 − cos(ẑ, z)) / B with ẑ linearly resampled to the target length (spec §11).
+    """REPA loss per projector: Σ_b mean_t(1 − cos(ẑ, z)) / B with ẑ linearly resampled to the target length (design §11).
 
     projected[i] is projector i applied to the captured hidden states [B, T, d_i]; targets[i][b] the SSL features
     [T_i, d_i] of item b. Only an item's real frames (frame_mask) are resampled.
@@ -171,7 +171,7 @@ def repa_loss(projected: Sequence[Tensor], targets: Sequence[Sequence[Tensor]], 
 
 
 class TrainingModule(nn.Module):
-    """The transformer behind one forward(...) for DDP/FSDP: velocity plus the REPA projections (spec §11)."""
+    """The transformer behind one forward(...) for DDP/FSDP: velocity plus the REPA projections (design §11)."""
 
     def __init__(self, transformer: AceStepTransformer, *, checkpointing: bool, repa: bool):
         super().__init__()

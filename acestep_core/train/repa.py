@@ -1,5 +1,5 @@
 """REPA target features: the official chunked SSL feature extraction (MERT-v1-330M, mHuBERT-147) around any
-audio model, and how a feature extractor is named on the command line (spec §11).
+audio model, and how a feature extractor is named on the command line (design §11).
 
 An extractor is any callable `(stereo waveform [2, L], sample_rate) -> [features of projector 0, 1, ...]`
 with each feature tensor [T_i, d_i] (d_0 = 1024 for MERT, d_1 = 768 for mHuBERT on the real model). The cache
@@ -19,12 +19,12 @@ from ..audio import resample
 SSL_HOP = 320
 """Both SSL models emit one frame per 320 input samples (75 Hz at 24 kHz, 50 Hz at 16 kHz)."""
 OFFICIAL_MODELS = (("m-a-p/MERT-v1-330M", 24000, 5), ("utter-project/mHuBERT-147", 16000, 30))
-"""(Hugging Face id, sample rate, chunk seconds) of the official REPA targets, in projector order (spec §11)."""
+"""(Hugging Face id, sample rate, chunk seconds) of the official REPA targets, in projector order (design §11)."""
 
 
 class ChunkedSSLExtractor:
     """One SSL model run the official way: mono mean, resample, per-item zero-mean/unit-variance (eps 1e-7),
-    zero-padded chunks, `last_hidden_state`, ceil(chunk length/320) frames kept per chunk (spec §11)."""
+    zero-padded chunks, `last_hidden_state`, ceil(chunk length/320) frames kept per chunk (design §11)."""
 
     def __init__(self, model: nn.Module, sample_rate: int, chunk_seconds: float, *, cache_id: str,
                  hop: int = SSL_HOP):

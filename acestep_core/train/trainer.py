@@ -1,5 +1,5 @@
 """The ACE-Step v1 trainer: LoRA (DDP) or full fine-tuning (DDP, or FSDP with --fsdp) of the transformer on
-cached latents/conditions, with the official optimiser, schedule and objective (spec §11).
+cached latents/conditions, with the official optimiser, schedule and objective (design §11).
 
 Per optimiser step: for each of `accumulate_grad_batches` micro-batches draw σ (logit-normal through the shifted
 table, CPU generator), noise (device generator) and condition dropout (device generator), run the transformer
@@ -60,7 +60,7 @@ UNUSED_SUFFIXES = ("cross_attn.add_q_proj", "cross_attn.add_k_proj", "cross_attn
 
 @dataclass
 class TrainConfig:
-    """Every trainer option; the names and defaults of the official trainer.py flags where it has them (spec §11)."""
+    """Every trainer option; the names and defaults of the official trainer.py flags where it has them (design §11)."""
 
     dataset_path: str
     checkpoint_dir: str = DEFAULT_REPO
@@ -393,7 +393,7 @@ class Trainer:
             result.checkpoints.append(self._save(state))
 
     def _micro_step(self, state: _LoopState, batch) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """One micro-batch: σ, noise, dropout, forward, loss (spec §11)."""
+        """One micro-batch: σ, noise, dropout, forward, loss (design §11)."""
         env, cfg = self.env, self.config
         x0 = batch.latents
         sigma = sample_sigmas(x0.shape[0], state.table, state.generators["timestep"])

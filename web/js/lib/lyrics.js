@@ -1,11 +1,11 @@
 // Pure logic of the lyrics helper (no DOM, no ComfyUI), shared by
 // web/js/lyrics_helper.js and the node tests in tests/js/.
 //
-// Structure tags are tokens of the lyric vocabulary (spec §5.1). A line is lowercased
-// before tokenising (spec §5.4), so [Verse] works, but any other [bracket] text, such as
+// Structure tags are tokens of the lyric vocabulary (design §5.1). A line is lowercased
+// before tokenising (design §5.4), so [Verse] works, but any other [bracket] text, such as
 // [verse 1], is read by the model as [UNK] plus letters.
 // The language guess is a light script/word heuristic for the editor only; the
-// backend detects the language of every line itself (spec §5.3).
+// backend detects the language of every line itself (design §5.3).
 
 export const KNOWN_TAGS = [
   "start", "intro", "verse", "chorus", "bridge", "outro",
@@ -107,7 +107,7 @@ export function guessLanguage(text) {
  * opens one; text before the first tag is an untagged section), the guessed language
  * of each section, every unknown [tag] with its line (1-based) and a suggestion, and
  * the lines with non-English words after their leading tag (the tokenizer reads a
- * line that starts with a tag as English, spec §5.2 step 4).
+ * line that starts with a tag as English, design §5.2 step 4).
  */
 export function analyzeLyrics(text) {
   const lines = text === "" ? [] : text.split("\n");
