@@ -3,7 +3,7 @@
 Every ComfyUI module (`comfy.utils`, `comfy.model_management`, `folder_paths`) is imported inside the function
 that needs it, so the pack imports and runs without ComfyUI; each function then falls back to plain PyTorch
 behaviour: no progress bar, no interrupt, cuda when available, folders from $ACESTEP_MODELS_DIR and ./models
-(docs/comfyui.md, ComfyUI facts §C5, §6, §12).
+(docs/comfyui.md, ComfyUI facts §C5, §C6, §C12).
 """
 from __future__ import annotations
 

@@ -9,14 +9,18 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("ACESTEP_SHARED_DIR", REPO.parent / "shared"))
-FIXTURES = Path(os.environ.get("ACESTEP_FIXTURES_DIR", SHARED / "fixtures"))
-TINY = Path(os.environ.get("ACESTEP_TINY_DIR", SHARED / "tiny"))
+# Test data lives in the repository (tests/data/README.md says how it was made); each folder can be pointed
+# elsewhere with an environment variable that holds a folder of the same layout.
+DATA = REPO / "tests" / "data"
+FIXTURES = Path(os.environ.get("ACESTEP_FIXTURES_DIR", DATA / "fixtures"))
+FIXTURES_15 = Path(os.environ.get("ACESTEP15_FIXTURES_DIR", DATA / "fixtures-15"))
+TINY = Path(os.environ.get("ACESTEP_TINY_DIR", DATA / "tiny"))
 TINY_FOLDER = TINY / "acestep-v1-tiny"
 TINY_COMFY = TINY / "acestep-v1-tiny-comfy.safetensors"
 TINY_LORA = TINY / "acestep-v1-tiny-lora"
-VOCAB = Path(os.environ.get("ACESTEP_LYRIC_VOCAB", SHARED / "data" / "ace_lyrics_vocab.json"))
-REAL_KEYS = SHARED / "spec" / "real-keys"
+VOCAB = Path(os.environ.get("ACESTEP_LYRIC_VOCAB", DATA / "lyric-vocab" / "ace_lyrics_vocab.json"))
+REAL_KEYS = DATA / "real-keys"
+REAL_KEYS_15 = DATA / "real-keys-15"
 
 # The tiny models are overhead-bound: one thread is as fast as two on an idle machine and 3-5x faster on a busy one.
 torch.set_num_threads(int(os.environ.get("ACESTEP_TEST_THREADS", "1")))
