@@ -3,7 +3,7 @@
 GPU, real 3.5B configuration with random weights (speed and memory do not depend on the values):
     python -m bench.train_memory --random-weights --precision bf16-mixed --rank 16 --seconds 240
 CPU, the tiny checkpoint (what runs without a GPU):
-    python -m bench.train_memory --checkpoint ../shared/tiny/acestep-v1-tiny --seconds 10
+    python -m bench.train_memory --checkpoint tests/data/tiny/acestep-v1-tiny --seconds 10
 CPU, real configuration built on the meta device: only the static part (weights, gradients, AdamW moments):
     python -m bench.train_memory --random-weights
 
@@ -78,7 +78,7 @@ def peak_rss_gib() -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default=str(REPO.parent / "shared" / "tiny" / "acestep-v1-tiny"))
+    parser.add_argument("--checkpoint", default=str(REPO / "tests" / "data" / "tiny" / "acestep-v1-tiny"))
     parser.add_argument("--random-weights", action="store_true", help="real config with random weights (GPU)")
     parser.add_argument("--mode", choices=("lora", "full"), default="lora")
     parser.add_argument("--rank", type=int, default=16)
