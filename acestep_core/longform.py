@@ -25,8 +25,10 @@ import torch
 from torch import Tensor
 
 from . import tasks
-from .audio import LATENT_RATE, SAMPLE_RATE, SAMPLES_PER_LATENT, decode_latents, resample
+from .audio import decode_latents, resample
 from .conditioning import Conditioning
+from .latent import LATENT_RATE, SAMPLE_RATE, SAMPLES_PER_LATENT
+from .latent import frames_covering as frames_for_long
 from .lyric_timing import LineTiming, align_lyrics, collect_lyric_attention
 from .noise import NoiseSource
 
@@ -181,14 +183,6 @@ class LongSong:
     windows: tuple[Window, ...]
     lyrics: tuple[str, ...]
     lines: tuple[LineTiming, ...] | None = None
-
-
-def frames_for_long(seconds: float) -> int:
-    """Latent frames to cover `seconds` completely: ceil(seconds·44100/4096) (the audio is then trimmed)."""
-    seconds = float(seconds)
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"seconds must be a positive number, got {seconds}")
-    return max(1, math.ceil(round(seconds * SAMPLE_RATE) / SAMPLES_PER_LATENT))
 
 
 def generate_long(

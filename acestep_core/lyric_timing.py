@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .audio import LATENT_RATE
+from .latent import LATENT_RATE
 from .conditioning import ERG_TAU, Conditioning
 from .models.attention import apply_rope
 from .models.transformer import split_heads

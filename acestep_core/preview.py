@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .audio import LATENT_RATE
+from .latent import LATENT_RATE
 from .models.vocoder import slaney_mel_filterbank
 
 Region = tuple[float, float]

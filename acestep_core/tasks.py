@@ -15,15 +15,13 @@ import torch
 from torch import Tensor
 
 from .conditioning import ERG_TAU, Conditioning
+from .latent import LATENT_CHANNELS, LATENT_HEIGHT, MAX_FRAMES, check_latent, frames_for_seconds  # noqa: F401
 from .noise import NoiseSource
 from .sampling.denoiser import GuidanceConfig, guided_velocity
 from .sampling.guidance import MomentumBuffer, apg
 from .sampling.samplers import euler_step, sample_euler, sample_heun, sample_pingpong
 from .sampling.schedules import audio2audio_sigmas, heun_call_sigmas, official_sigmas, oss_sigmas, parse_oss_steps
 
-LATENT_CHANNELS = 8
-LATENT_HEIGHT = 16
-MAX_FRAMES = int(240 * 44100 / 512 / 8)  # 2583 frames = the 240 s the model was trained on
 SCHEDULERS = ("euler", "heun", "pingpong")
 Callback = Callable[[int, int, Tensor], None]
 
@@ -194,32 +192,6 @@ def _run_sampler(
 def _model_dtype(transformer) -> tuple[torch.device, torch.dtype]:
     p = next(transformer.parameters())
     return p.device, p.dtype
-
-
-def check_latent(latent: Tensor, name: str = "latent") -> Tensor:
-    """An ACE latent must be [B, 8, 16, T] with finite values."""
-    if not isinstance(latent, Tensor) or latent.ndim != 4 or latent.shape[1:3] != (LATENT_CHANNELS, LATENT_HEIGHT):
-        shape = tuple(latent.shape) if isinstance(latent, Tensor) else type(latent).__name__
-        raise ValueError(
-            f"{name} must be an ACE-Step audio latent [batch, 8, 16, frames], got {shape}; "
-            "make it with the ACE-Step empty-latent or encode node (an image latent does not fit)"
-        )
-    if latent.shape[-1] < 1:
-        raise ValueError(f"{name} has no frames; give a duration of at least 0.1 s")
-    if not bool(torch.isfinite(latent).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return latent
-
-
-def frames_for_seconds(seconds: float) -> int:
-    """Latent frames for a duration, floor(seconds·44100/4096) as official (design §1)."""
-    seconds = float(seconds)
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"duration must be a positive number of seconds, got {seconds}")
-    frames = int(seconds * 44100 / 512 / 8)
-    if frames < 1:
-        raise ValueError(f"duration {seconds} s is shorter than one latent frame (0.093 s)")
-    return frames
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,10 +21,12 @@ from typing import Any
 
 import torch
 
-from ..acestep_core.audio import LATENT_RATE, check_source_duration
+from ..acestep_core.audio import check_source_duration
 from ..acestep_core.conditioning import Conditioning
+from ..acestep_core.latent import MAX_SECONDS, check_latent  # noqa: F401  (the latent format, design §1)
+from ..acestep_core.latent import frames_at as seconds_to_frames  # noqa: F401  (latent frames before a time)
+from ..acestep_core.latent import seconds_at as frames_to_seconds  # noqa: F401  (seconds of latent frames)
 from ..acestep_core.noise import MAX_SEED
-from ..acestep_core.tasks import check_latent
 from . import bridge
 
 CATEGORY = "audio/ACE-Step"
@@ -33,17 +35,6 @@ COND = "ACESTEP_COND"
 OPTIONS = "ACESTEP_OPTIONS"
 MARK = "acestep"
 TASKS = ("repaint", "extend", "audio2audio")
-MAX_SECONDS = 240.0
-
-
-def seconds_to_frames(seconds: float) -> int:
-    """Latent frames before a time: int(seconds·44100/4096), the official rounding (design §8)."""
-    return int(float(seconds) * LATENT_RATE)
-
-
-def frames_to_seconds(frames: int) -> float:
-    """Duration of `frames` latent frames in seconds."""
-    return frames / LATENT_RATE
 
 
 def samples_of(latent: Any, name: str = "latent") -> torch.Tensor:

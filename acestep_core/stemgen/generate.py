@@ -23,7 +23,8 @@ from ..noise import NoiseSource
 from ..sampling.denoiser import make_guided_velocity
 from ..sampling.samplers import sample_euler, sample_heun, sample_pingpong
 from ..sampling.schedules import official_sigmas, oss_sigmas
-from ..tasks import MAX_FRAMES, Branches, Callback, SamplerOptions, check_latent, encode_branches
+from ..latent import MAX_FRAMES, check_latent
+from ..tasks import Branches, Callback, SamplerOptions, encode_branches
 from .control import StemGenControl, controlled_decode, timbre_vector
 from .weights import StemGenWeights
 

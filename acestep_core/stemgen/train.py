@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..latent import frames_at
 from ..loading import DEFAULT_REPO, load_acestep
 from ..models.transformer import AceStepTransformer
 from ..train.distributed import DistEnv, barrier, init_distributed, mean_over_ranks, shutdown, wrap_model
@@ -172,7 +173,7 @@ def _prepare(config: StemGenTrainConfig, env: DistEnv) -> tuple[nn.Module, PairD
     paths = build_cache(songs, config.task, config.cache_dir, checkpoint_id, encoders, vocal_word=config.vocal_word,
                         rank=env.rank, world_size=env.world_size)
     barrier(env)
-    frames = max(1, int(config.max_seconds * 44100 / 4096))
+    frames = max(1, frames_at(config.max_seconds))
     dataset = PairDataset(paths, max_frames=frames, timbre_dropout=config.timbre_dropout, seed=config.seed)
     transformer = load_acestep(config.checkpoint_dir, dtype=torch.float32, device=env.device,
                                components=("transformer",)).transformer
