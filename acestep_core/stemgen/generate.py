@@ -20,9 +20,7 @@ from ..audio import SAMPLE_RATE, encode_audio, prepare_audio, resample
 from ..conditioning import ERG_TAU, Conditioning
 from ..lora import apply_loras
 from ..noise import NoiseSource
-from ..sampling.denoiser import make_guided_velocity
-from ..sampling.samplers import sample_euler, sample_heun, sample_pingpong
-from ..sampling.schedules import official_sigmas, oss_sigmas
+from ..sampling.adapter import sample_guided, schedule_sigmas
 from ..latent import MAX_FRAMES, check_latent
 from ..tasks import Branches, Callback, SamplerOptions, encode_branches
 from .control import StemGenControl, controlled_decode, timbre_vector
@@ -95,16 +93,7 @@ def generate_latent(transformer, control: StemGenControl, cond: Conditioning, re
     x = noise.draw("manual", tuple(reference.shape)).to(device, dtype)
     branches = encode_branches(transformer, cond, batch, options.guidance, need_uncond=options.guidance.do_cfg)
     predict = make_control_predict(transformer, control, branches, reference, timbre, float(control_scale), options)
-    sigmas = oss_sigmas(list(options.oss_steps), options.shift, dtype) if options.oss_steps \
-        else official_sigmas(options.steps, options.shift)
-    velocity = make_guided_velocity(options.guidance, sigmas.numel() - 1, predict)
-    omega = options.guidance.omega_scale
-    if options.scheduler == "euler":
-        return sample_euler(velocity, x, sigmas, omega_scale=omega, callback=callback)
-    if options.scheduler == "heun":
-        return sample_heun(velocity, x, sigmas, omega_scale=omega, callback=callback)
-    return sample_pingpong(velocity, x, sigmas, noise_fn=lambda step, shape: noise.draw_shared("manual", shape),
-                           callback=callback)
+    return sample_guided(predict, x, schedule_sigmas(options, dtype), options, noise, callback)
 
 
 def encode_reference(model, waveform: Tensor, sample_rate: int) -> Tensor:
