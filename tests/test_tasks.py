@@ -103,10 +103,22 @@ def test_decay_with_a_single_guided_step(transformer):
     assert torch.isfinite(out).all()
 
 
-def test_batched_branches_match_separate_calls(transformer):
-    separate = tasks.text2music(transformer, _cond(), 6, options=FAST, noise=_noise())
+def test_batched_branches_match_separate_calls(transformer, monkeypatch):
+    calls = []
+    decode = transformer.decode
+
+    def counting(x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return decode(x, *args, **kwargs)
+
+    monkeypatch.setattr(transformer, "decode", counting)
+    separate = tasks.text2music(transformer, _cond(), 6, options=tasks.with_options(FAST, batch_branches=False),
+                                noise=_noise())
+    separate_calls, calls[:] = list(calls), []
     batched = tasks.text2music(transformer, _cond(), 6, options=tasks.with_options(FAST, batch_branches=True),
                                noise=_noise())
+    # the two paths differ: one call per branch (batch 1) against one call for both branches (batch 2)
+    assert separate_calls == [1] * 2 * FAST.steps and calls == [2] * FAST.steps
     torch.testing.assert_close(batched, separate, atol=1e-4, rtol=0)
 
 
