@@ -5,7 +5,7 @@ import torch
 
 from ..acestep_core import longform, tasks
 from ..acestep_core.lyric_timing import to_lrc
-from ..acestep_core.noise import MAX_SEED, SeededNoise
+from ..acestep_core.noise import MAX_SEED
 from ..acestep_core.sampling.denoiser import CFG_TYPES, GuidanceConfig
 from . import bridge, wire
 from .model import ModelHandle, model_for, transformer_for
@@ -112,8 +112,7 @@ class AceStepLongForm:
         )
         transformer = transformer_for(model)
         loaded = model_for(model)
-        p = next(transformer.parameters())
-        noise = SeededNoise([int(seed)], [(int(seed) + 1) % (MAX_SEED + 1)], p.device, p.dtype)
+        noise = wire.noise_for(transformer, seed, 1)
         progress = bridge.Progress(int(steps))
         song = longform.generate_long(
             loaded, cond, float(seconds), noise=noise, window_seconds=float(window_seconds),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..acestep_core import tasks
-from ..acestep_core.noise import MAX_SEED, SeededNoise
+from ..acestep_core.noise import MAX_SEED
 from ..acestep_core.sampling.denoiser import CFG_TYPES, GuidanceConfig
 from ..acestep_core.validation import MemorySettings, call_explaining_oom
 from . import bridge, timing, wire
@@ -32,12 +32,6 @@ RUNNERS = {
     "audio2audio": lambda transformer, cond, source, mark, **common: tasks.audio2audio(
         transformer, cond, source, ref_strength=mark["ref_strength"], **common),
 }
-
-
-def _noise(transformer, latent: dict, batch: int, seed: int, retake_seed: int) -> SeededNoise:
-    """Official per-item generators on the model's device, in the model's dtype (design §7.9)."""
-    p = next(transformer.parameters())
-    return SeededNoise(wire.seeds_for(seed, latent, batch), wire.seeds_for(retake_seed, latent, batch), p.device, p.dtype)
 
 
 class AceStepSampler:
@@ -120,7 +114,7 @@ class AceStepSampler:
             guidance_scale=guidance_scale, omega_scale=omega_scale,
         )
         transformer = transformer_for(model)
-        noise = _noise(transformer, latent, source.shape[0], seed, retake_seed)
+        noise = wire.noise_for(transformer, seed, source.shape[0], retake_seed=retake_seed, latent=latent)
         progress = bridge.Progress(steps)
         frames = source.shape[-1] + int(mark.get("left_frames", 0)) + int(mark.get("right_frames", 0))
         memory = _memory_settings("sampling", transformer, frames, source.shape[0], settings.batch_branches)
@@ -295,7 +289,7 @@ class AceStepFlowEdit:
         options = tasks.SamplerOptions(steps=int(steps), scheduler=scheduler,
                                        guidance=GuidanceConfig(guidance_scale=float(guidance_scale)))
         transformer = transformer_for(model)
-        noise = _noise(transformer, latent, source.shape[0], seed, seed)
+        noise = wire.noise_for(transformer, seed, source.shape[0], retake_seed=seed, latent=latent)
         progress = bridge.Progress(steps)
         memory = _memory_settings("editing", transformer, source.shape[-1], source.shape[0], options.batch_branches)
         with torch.no_grad():

@@ -15,7 +15,7 @@ import torch
 from ..acestep_core import audio as codec
 from ..acestep_core import tasks
 from ..acestep_core.conditioning import encode_conditioning
-from ..acestep_core.noise import MAX_SEED, SeededNoise
+from ..acestep_core.noise import MAX_SEED
 from ..acestep_core.sampling.denoiser import CFG_TYPES, GuidanceConfig
 from ..acestep_core.stemgen.control import StemGenControl
 from ..acestep_core.stemgen.generate import encode_reference, generate_latent, instrument_timbre, mix_with_reference
@@ -144,9 +144,7 @@ def _generate(task: str, model: ModelHandle, stemgen: StemGenWeights, reference:
         if instrument_audio is not None:
             timbre = instrument_timbre(loaded, *wire.check_audio(instrument_audio, "instrument_audio"))
         batch = latent_ref.shape[0]
-        parameter = next(transformer.parameters())
-        noise = SeededNoise(wire.seeds_for(seed, {}, batch), wire.seeds_for(seed, {}, batch), parameter.device,
-                            parameter.dtype)
+        noise = wire.noise_for(transformer, seed, batch)
         latent = generate_latent(transformer, control, cond, latent_ref, timbre=timbre,
                                  control_scale=float(control_scale), options=settings, noise=noise,
                                  callback=progress.step_callback())

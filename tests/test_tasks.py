@@ -130,3 +130,14 @@ def test_image_latent_is_refused(transformer):
 def test_too_long_duration_is_refused(transformer):
     with pytest.raises(ValueError, match="240 s"):
         tasks.text2music(transformer, _cond(), tasks.MAX_FRAMES + 1, options=FAST, noise=_noise())
+
+
+def test_one_seed_rule_for_every_node():
+    from acestep_core.noise import MAX_SEED, noise_for_seed
+
+    plain = noise_for_seed(7, 3)
+    assert plain.seeds == [7, 8, 9] and plain.retake_seeds == [8, 9, 10]  # no retake seed: seed + 1
+    given = noise_for_seed(MAX_SEED, 2, retake_seed=4, offsets=[5, 6])
+    assert given.seeds == [4, 5] and given.retake_seeds == [9, 10]  # batch indices replace i, 32-bit wrap
+    official = SeededNoise.from_seeds(7, 1, retake_seed=8)
+    torch.testing.assert_close(plain.draw("manual", (3, 8, 16, 4))[:1], official.draw("manual", (1, 8, 16, 4)))
