@@ -141,3 +141,17 @@ def test_one_seed_rule_for_every_node():
     assert given.seeds == [4, 5] and given.retake_seeds == [9, 10]  # batch indices replace i, 32-bit wrap
     official = SeededNoise.from_seeds(7, 1, retake_seed=8)
     torch.testing.assert_close(plain.draw("manual", (3, 8, 16, 4))[:1], official.draw("manual", (1, 8, 16, 4)))
+
+
+def test_command_line_and_official_args_take_the_dataclass_defaults():
+    from acestep_core.cli import build_parser
+    from acestep_core.pipeline import Request, request_from_official_args
+
+    args = build_parser().parse_args(["generate", "--tags", "rock"])
+    d = Request()
+    assert d.batch_branches is tasks.SamplerOptions().batch_branches is True  # the nodes' fast path
+    assert (args.steps, args.scheduler, args.edit_n_min, args.edit_n_max, args.guidance_scale, args.omega_scale) == (
+        d.infer_step, d.scheduler_type, d.edit_n_min, d.edit_n_max, d.guidance.guidance_scale, d.guidance.omega_scale)
+    official = request_from_official_args({"task": "edit"})
+    assert (official.edit_n_min, official.infer_step, official.guidance) == (d.edit_n_min, d.infer_step, d.guidance)
+    assert official.batch_branches is False  # the official separate calls, as the parity fixtures were recorded
