@@ -13,9 +13,8 @@ from pathlib import Path
 import torch
 
 from ..acestep_core.conditioning import Conditioning
-from ..acestep_core.lyric_timing import (
-    DEFAULT_THRESHOLD, LyricAttention, align_lyrics, collect_lyric_attention, draw_alignment, to_lrc,
-)
+from ..acestep_core.lyric_timing import DEFAULT_THRESHOLD, LyricAttention, align_lyrics, collect_lyric_attention, to_lrc
+from ..acestep_core.preview import draw_alignment
 from . import bridge
 from .model import ModelHandle, model_for
 from .wire import CATEGORY, MODEL
