@@ -296,3 +296,27 @@ def flow_edit(
         if callback is not None:
             callback(i, n, z_edit if x_tar is None else x_tar)
     return z_edit if x_tar is None else x_tar
+
+
+TASKS = ("text2music", "repaint", "extend", "audio2audio")
+"""The tasks `run_task` runs by name (flow edit has two conditionings and its own entry point)."""
+
+
+def run_task(task: str, transformer, cond: Conditioning, source: Tensor, settings: dict, **common) -> Tensor:
+    """Run one task by name on `source` with its settings (the sampler node's latent mark, design §8).
+
+    `settings`: text2music {"retake_variance"} (source gives the length); repaint {"start_frame", "end_frame",
+    "variance"}; extend {"left_frames", "right_frames", "variance"}; audio2audio {"ref_strength"}. `common` is
+    batch_size / options / noise / callback, as every task takes them.
+    """
+    if task == "text2music":
+        return text2music(transformer, cond, source.shape[-1], retake_variance=settings["retake_variance"], **common)
+    if task == "repaint":
+        return repaint(transformer, cond, source, settings["start_frame"], settings["end_frame"],
+                       variance=settings["variance"], **common)
+    if task == "extend":
+        return extend(transformer, cond, source, settings["left_frames"], settings["right_frames"],
+                      variance=settings["variance"], **common)
+    if task == "audio2audio":
+        return audio2audio(transformer, cond, source, ref_strength=settings["ref_strength"], **common)
+    raise ValueError(f"task must be one of {TASKS}, got {task!r}")

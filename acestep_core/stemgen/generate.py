@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..audio import SAMPLE_RATE, encode_audio, prepare_audio, resample
-from ..conditioning import ERG_TAU, Conditioning
+from ..audio import SAMPLE_RATE, decode_latents, encode_audio, prepare_audio, resample
+from ..conditioning import ERG_TAU, Conditioning, encode_conditioning
 from ..lora import apply_loras
-from ..noise import NoiseSource
+from ..noise import NoiseSource, noise_for_seed
 from ..sampling.adapter import sample_guided, schedule_sigmas
 from ..latent import MAX_FRAMES, check_latent
 from ..tasks import Branches, Callback, SamplerOptions, encode_branches
@@ -117,6 +117,41 @@ def mix_with_reference(reference: Tensor, reference_rate: int, stem: Tensor, ste
     length = stem.shape[-1]
     ref = F.pad(ref, (0, max(0, length - ref.shape[-1])))[..., :length]
     return (ref + stem.float()).to(torch.float32)
+
+
+def generate_part(model, transformer, control: StemGenControl, tags: str, reference: Tensor, reference_rate: int, *,
+                  seed: int, options: SamplerOptions = SamplerOptions(),
+                  instrument_audio: tuple[Tensor, int] | None = None, control_scale: float = 1.0,
+                  sample_rate: int = SAMPLE_RATE, callback: Callback | None = None) -> tuple[Tensor, Tensor]:
+    """(generated part, reference + part), both [B, 2, N] float32 at `sample_rate`, for reference audio
+    [B, C, L] at `reference_rate`, the style/instrument `tags` and the seed (noise.noise_for_seed, docs/seeds.md).
+
+    `model` gives the text encoder, DCAE and vocoder; `transformer` is its transformer with the StemGen LoRA (if
+    any) applied; `instrument_audio` (waveform, rate) steers the timbre (docs/stemgen.md).
+    """
+    cond = encode_conditioning(model, tags, "", erg_tag=options.guidance.use_erg_tag)
+    latent_ref = encode_reference(model, reference, reference_rate)
+    timbre = None if instrument_audio is None else instrument_timbre(model, *instrument_audio)
+    parameter = next(transformer.parameters())
+    noise = noise_for_seed(seed, latent_ref.shape[0], device=parameter.device, dtype=parameter.dtype)
+    latent = generate_latent(transformer, control, cond, latent_ref, timbre=timbre, control_scale=float(control_scale),
+                             options=options, noise=noise, callback=callback)
+    part = decode_latents(model.dcae, model.vocoder, latent, sample_rate=int(sample_rate)).float()
+    return part, mix_with_reference(reference, reference_rate, part, int(sample_rate))
+
+
+def generate_stem(model, transformer, control: StemGenControl, instrument: str, reference: Tensor,
+                  reference_rate: int, **settings) -> tuple[Tensor, Tensor]:
+    """StemGen: (the stem of `instrument` that fits the reference mix, reference + stem); settings as
+    :func:`generate_part` (instrument_audio included)."""
+    return generate_part(model, transformer, control, instrument, reference, reference_rate, **settings)
+
+
+def generate_accompaniment(model, transformer, control: StemGenControl, tags: str, vocal: Tensor, vocal_rate: int,
+                           **settings) -> tuple[Tensor, Tensor]:
+    """Singing to accompaniment: (the backing track for the vocal in the style of `tags`, vocal + backing);
+    settings as :func:`generate_part` (no instrument audio)."""
+    return generate_part(model, transformer, control, tags, vocal, vocal_rate, **settings)
 
 
 @contextmanager
