@@ -26,16 +26,14 @@ import torch
 from torch import Tensor
 
 from .latent import LATENT_RATE
-from .conditioning import ERG_TAU, Conditioning
+from .conditioning import Conditioning
 from .models.attention import apply_rope
 from .models.transformer import split_heads
+from .sampling.branch_rows import current_conditional_rows
 from .preview import SECTION, SUNG, UNSUNG, draw_alignment  # noqa: F401  (the picture lives in preview.py)
 
 STRUCTURE_LINE = re.compile(r"\[[^\[\]]*\]")
 """A line made of one bracket tag only ([verse], [chorus], ...): a section marker, not sung text."""
-MATCH_TOLERANCE = 0.1
-"""Largest relative difference of a call's cross-attention keys (text part, lyric part) from the conditional
-branch's: bf16 rounding of another batch size stays far below it, zeroed text or lyrics far above it."""
 HEAD_CHUNK = 4
 """Heads whose attention probabilities are materialised at once (bounds the extra memory to T x S x 4 floats)."""
 DEFAULT_THRESHOLD = 0.5
@@ -122,12 +120,6 @@ def timestep_from_features(features: Tensor) -> Tensor:
     return torch.atan2(features[:, -1].float(), features[:, half - 1].float()) / freq
 
 
-def relative_distance(k: Tensor, ref: Tensor) -> Tensor:
-    """‖k_b − ref‖ / ‖ref‖ per batch row b of k [B, ...] against ref [1, ...]."""
-    num = (k.float() - ref.float()).pow(2).flatten(1).sum(dim=1).sqrt()
-    return num / ref.float().pow(2).sum().sqrt().clamp_min(1e-12)
-
-
 def lyric_attention_share(q: Tensor, k: Tensor, allowed: Tensor | None, lyric_start: int) -> Tensor:
     """Softmax cross-attention q [b,H,T,hd], k [b,H,S,hd] (mask `allowed` [b,T,S]) summed over the keys from
     `lyric_start` on and averaged over heads: [b, T, S − lyric_start] fp32 (design §2.5)."""
@@ -147,10 +139,10 @@ class LyricAttentionCollector:
     """Forward hooks on the cross-attention of chosen blocks that average the conditional branch's attention to
     the lyric tokens (design §2.5). Use :func:`collect_lyric_attention`; nothing runs while it is detached.
 
-    The conditional branch is recognised by its cross-attention keys, which equal the ones of `cond` encoded as
-    every task encodes it (speaker zeros, real text and lyrics, no ERG); the unconditional and text-only
-    branches (zeroed or ERG-tempered parts) and flow-edit's other prompt differ. So this works for every task
-    and guidance setting.
+    The task layer says which rows of each model call are the conditional branch of which conditioning
+    (acestep_core.sampling.branch_rows); only the calls of `cond` itself (the very object the task was given) are
+    kept, so the unconditional and text-only branches and flow-edit's source prompt are left out. So this works for
+    every task and guidance setting.
     `sigma_range` keeps only calls whose noise level σ lies in it (σ = 1 is pure noise).
     """
 
@@ -167,8 +159,6 @@ class LyricAttentionCollector:
             raise ValueError(f"sigma_range must be (low, high) with 0 <= low < high <= 1, got {sigma_range!r}")
         self.transformer, self.cond, self.blocks, self.sigma_range = transformer, cond, chosen, (lo, hi)
         self.lyric_start = 1 + cond.text_mask.shape[1]                            # after speaker + text tokens
-        self._reference: dict[int, list[list[Tensor]]] = {}
-        self._keys_length = self.lyric_start + cond.lyric_ids.shape[1]
         self._queries: dict[int, Tensor] = {}
         self._sigma: Tensor | None = None
         self._sum: Tensor | None = None
@@ -222,45 +212,12 @@ class LyricAttentionCollector:
         return hook
 
     def _conditional_rows(self, index: int, k: Tensor) -> Tensor:
-        """Batch rows of a call whose cross-attention keys are the conditional branch's: for the text and the
-        lyric part, within MATCH_TOLERANCE of the conditional keys and nearer to them than to the ERG-tempered
-        ones (which can differ by only ~1 %)."""
-        if k.shape[2] != self._keys_length:                                       # another prompt's sequence
+        """Batch rows of the running call that are the conditional branch of `cond`, as the task layer says."""
+        announced = current_conditional_rows()
+        if announced is None or announced[0] is not self.cond:
             return torch.empty(0, dtype=torch.long, device=k.device)
-        if not self._reference:
-            self._reference.update(self._reference_keys(k))
-        ok = torch.ones(k.shape[0], dtype=torch.bool, device=k.device)
-        for part, (ref, *others) in zip(self._segments(), self._reference[index]):
-            here = relative_distance(k[:, :, part], ref)
-            ok &= here < MATCH_TOLERANCE
-            for other in others:
-                ok &= here < relative_distance(k[:, :, part], other)
-        return ok.nonzero().flatten()
-
-    def _segments(self) -> tuple[slice, slice]:
-        """Encoder positions of speaker + text, and of the lyrics."""
-        return slice(0, self.lyric_start), slice(self.lyric_start, None)
-
-    def _reference_keys(self, like: Tensor) -> dict[int, list[list[Tensor]]]:
-        """Per probed block and segment: the keys of `cond` encoded as the tasks encode the conditional branch
-        (speaker zeros, no ERG), then the ERG-tempered alternatives of that segment: the ERG-tag text states for
-        the text part, the ERG-lyric Conformer output for the lyric part (design §2.3, §7.6)."""
-        tr = self.transformer
-        c = self.cond.to(like.device, tr.dtype)
-        speaker = torch.zeros(1, tr.config.speaker_embedding_dim, device=like.device, dtype=tr.dtype)
-
-        def keys(text: Tensor, tau: float | None) -> list[Tensor]:
-            states = tr.encode(text, c.text_mask, speaker, c.lyric_ids, c.lyric_mask, lyric_erg_tau=tau)[0]
-            return [k for k, _ in tr.cross_kv(states)]
-
-        plain, tempered = keys(c.text_states, None), keys(c.text_states, ERG_TAU)
-        erg_text = keys(c.text_states_erg, None) if c.text_states_erg is not None else None
-        text, lyric = self._segments()
-        return {
-            i: [[plain[i][:, :, text]] + ([erg_text[i][:, :, text]] if erg_text is not None else []),
-                [plain[i][:, :, lyric], tempered[i][:, :, lyric]]]
-            for i in self.blocks
-        }
+        rows = announced[1]
+        return torch.arange(rows.start, rows.stop, device=k.device)
 
     def _add(self, share: Tensor) -> None:
         if self._sum is not None and self._sum.shape != share.shape:

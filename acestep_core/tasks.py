@@ -17,6 +17,7 @@ from .conditioning import Conditioning
 from .latent import LATENT_CHANNELS, LATENT_HEIGHT, MAX_FRAMES, check_latent, frames_for_seconds  # noqa: F401
 from .noise import NoiseSource
 from .sampling.adapter import Branches, _repeat, encode_branches, make_predict, sample_guided, schedule_sigmas
+from .sampling.branch_rows import conditional_rows
 from .sampling.denoiser import GuidanceConfig, guided_velocity  # noqa: F401
 from .sampling.guidance import MomentumBuffer, apg
 from .sampling.options import SamplerOptions, with_options  # noqa: F401  (re-exported: callers import them here)
@@ -259,9 +260,11 @@ def flow_edit(
     n_min, n_max = int(n * edit.n_min), int(n * edit.n_max)
     frames = torch.ones(x_src.shape[0] * (2 if do_cfg else 1), x_src.shape[-1], device=device, dtype=dtype)
 
-    def v_of(z: Tensor, t_value: Tensor, states: Tensor, mask: Tensor, momentum: MomentumBuffer | None) -> Tensor:
+    def v_of(z: Tensor, t_value: Tensor, states: Tensor, mask: Tensor, momentum: MomentumBuffer | None,
+             cond: Conditioning) -> Tensor:
         inp = torch.cat([z, z]) if do_cfg else z
-        v = transformer.decode(inp, frames, states, mask, t_value.expand(inp.shape[0]))
+        with conditional_rows(cond, slice(0, z.shape[0])):                  # conditional rows first
+            v = transformer.decode(inp, frames, states, mask, t_value.expand(inp.shape[0]))
         if not do_cfg:
             return v
         v_c, v_u = v.chunk(2)
@@ -279,15 +282,15 @@ def flow_edit(
                 eps = noise.draw("retake", shape).to(device, dtype)
                 z_src = (1 - t_i) * x_src + t_i * eps
                 z_tar = z_edit + z_src - x_src
-                v_src = v_of(z_src, t[i], src_states, src_mask, momentum_src)
-                v_tar = v_of(z_tar, t[i], tar_states, tar_mask, None)
+                v_src = v_of(z_src, t[i], src_states, src_mask, momentum_src, source_cond)
+                v_tar = v_of(z_tar, t[i], tar_states, tar_mask, None, target_cond)
                 delta = delta + (1 / edit.n_avg) * (v_tar - v_src)
             z_edit = (z_edit.float() + (t_next - t_i) * delta).to(dtype)
         else:
             if i == n_max:
                 eps = noise.draw("retake", shape).to(device, dtype)
                 x_tar = z_edit + (sigmas[i] * eps + (1 - sigmas[i]) * x_src) - x_src
-            v_tar = v_of(x_tar, t[i], tar_states, tar_mask, momentum_tar)
+            v_tar = v_of(x_tar, t[i], tar_states, tar_mask, momentum_tar, target_cond)
             if options.scheduler == "pingpong":
                 x_tar = (x_tar.float() - t_i * v_tar.float())
                 x_tar = ((1 - t_next) * x_tar + t_next * noise.draw_shared("retake", shape).float()).to(dtype)

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..conditioning import ERG_TAU, Conditioning
 from ..noise import NoiseSource
+from .branch_rows import conditional_rows
 from .denoiser import GuidanceConfig, Predict, make_guided_velocity
 from .options import SamplerOptions
 from .samplers import Callback, run_sampler
@@ -28,6 +29,7 @@ class Branches:
     uncond: Tensor | None
     text: Tensor | None
     erg_diffusion: bool
+    conditioning: Conditioning | None = None  # the conditioning these states encode (for lyric timing)
 
 
 def _repeat(t: Tensor, batch: int) -> Tensor:
@@ -55,7 +57,7 @@ def encode_branches(transformer, cond: Conditioning, batch: int, guidance: Guida
                 text_only = transformer.encode(text, text_mask, speaker0, ids, lyric_mask, lyric_erg_tau=ERG_TAU)[0]
             else:
                 text_only = transformer.encode(text, text_mask, speaker0, torch.zeros_like(ids), lyric_mask)[0]
-    return Branches(mask, states, uncond, text_only, guidance.use_erg_diffusion)
+    return Branches(mask, states, uncond, text_only, guidance.use_erg_diffusion, cond)
 
 
 def make_predict(transformer, branches: Branches, options: SamplerOptions = SamplerOptions()):
@@ -110,8 +112,9 @@ def make_predict(transformer, branches: Branches, options: SamplerOptions = Samp
         if not full:
             frames = torch.ones(xs.shape[0], x.shape[-1], device=x.device, dtype=x.dtype)
             mask = branches.mask.repeat(count, 1)
-        return transformer.decode(xs, frames, states, mask, t, erg_tau=erg, cross_kv=kv_of(names),
-                                  linear_ff=options.linear_ff)
+        with conditional_rows(branches.conditioning, cond_rows(names, x.shape[0])):
+            return transformer.decode(xs, frames, states, mask, t, erg_tau=erg, cross_kv=kv_of(names),
+                                      linear_ff=options.linear_ff)
 
     def predict(x: Tensor, sigma: Tensor, names: tuple[str, ...]) -> tuple[Tensor, ...]:
         if not options.batch_branches or len(names) == 1:
@@ -119,6 +122,14 @@ def make_predict(transformer, branches: Branches, options: SamplerOptions = Samp
         return decode(x, sigma, tuple(names)).chunk(len(names))
 
     return predict
+
+
+def cond_rows(names: tuple[str, ...], batch: int) -> slice | None:
+    """The batch rows of the conditional branch in a model call over the branches `names` stacked in that order."""
+    if "cond" not in names:
+        return None
+    i = names.index("cond")
+    return slice(i * batch, (i + 1) * batch)
 
 
 def schedule_sigmas(options: SamplerOptions, dtype: torch.dtype) -> Tensor:

@@ -20,7 +20,8 @@ from ..audio import SAMPLE_RATE, decode_latents, encode_audio, prepare_audio, re
 from ..conditioning import ERG_TAU, Conditioning, encode_conditioning
 from ..lora import apply_loras
 from ..noise import NoiseSource, noise_for_seed
-from ..sampling.adapter import sample_guided, schedule_sigmas
+from ..sampling.adapter import cond_rows, sample_guided, schedule_sigmas
+from ..sampling.branch_rows import conditional_rows
 from ..latent import MAX_FRAMES, check_latent
 from ..tasks import Branches, Callback, SamplerOptions, encode_branches
 from .control import StemGenControl, controlled_decode, timbre_vector
@@ -57,10 +58,11 @@ def make_control_predict(transformer, control: StemGenControl, branches: Branche
         t = (sigma.to(torch.float32) * 1000).expand(x.shape[0] * count).to(x.device)
         mask = None if full else branches.mask.repeat(count, 1)
         frames = None if full else torch.ones(x.shape[0] * count, x.shape[-1], device=x.device)
-        return controlled_decode(transformer, control, x.repeat(repeat), frames, states, mask, t,
-                                 reference=reference.repeat(repeat),
-                                 timbre=None if timbre is None else timbre.repeat(count, 1),
-                                 control_scale=control_scale, erg_tau=erg, linear_ff=options.linear_ff)
+        with conditional_rows(branches.conditioning, cond_rows(names, x.shape[0])):
+            return controlled_decode(transformer, control, x.repeat(repeat), frames, states, mask, t,
+                                     reference=reference.repeat(repeat),
+                                     timbre=None if timbre is None else timbre.repeat(count, 1),
+                                     control_scale=control_scale, erg_tau=erg, linear_ff=options.linear_ff)
 
     def predict(x: Tensor, sigma: Tensor, names: tuple[str, ...]) -> tuple[Tensor, ...]:
         if not options.batch_branches or len(names) == 1:
