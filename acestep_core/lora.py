@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .safetensors_header import read_header
+from .safetensors_header import json_entry, read_header
 
 OFFICIAL_FILENAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
@@ -276,17 +276,7 @@ def _read_safetensors_header(file: Path) -> dict[str, Any]:
 
 def _parse_adapter_config(text: str | None, file: Path) -> dict[str, Any] | None:
     """The `lora_adapter_metadata` header entry as a dict (None when absent)."""
-    if text is None:
-        return None
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"LoRA file {file}: header '{METADATA_KEY}' is not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise ValueError(
-            f"LoRA file {file}: header '{METADATA_KEY}' must be a JSON object, got {type(config).__name__}"
-        )
-    return config
+    return json_entry(text, METADATA_KEY, f"LoRA file {file}")
 
 
 def _check_adapter_config(config: Mapping[str, Any] | None, source: str) -> None:

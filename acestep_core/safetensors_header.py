@@ -44,3 +44,17 @@ def read_header(path: str | Path) -> dict[str, Any] | None:
 def metadata(header: dict[str, Any]) -> dict[str, str]:
     """The "__metadata__" entries of a header (empty when it has none)."""
     return header.get("__metadata__") or {}
+
+
+def json_entry(text: str | None, key: str, what: str) -> dict[str, Any] | None:
+    """A JSON-object metadata entry (`text` as stored under `key`) as a dict, None when absent; a ValueError
+    naming `what` (the file) when it is not a JSON object."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what}: header '{key}' is not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what}: header '{key}' must be a JSON object, got {type(value).__name__}")
+    return value

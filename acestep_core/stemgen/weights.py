@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..lora import LoraWeights
 from ..models.transformer import AceStepTransformer
-from ..safetensors_header import metadata
+from ..safetensors_header import json_entry, metadata
 from ..safetensors_header import read_header as read_safetensors_header
 from .control import ControlConfig, StemGenControl
 
@@ -62,15 +62,7 @@ def read_header(path: str | Path) -> dict[str, Any] | None:
     path = Path(path)
     header = read_safetensors_header(path)
     text = None if header is None else metadata(header).get(METADATA_KEY)
-    if text is None:
-        return None
-    try:
-        info = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"StemGen file {path}: header '{METADATA_KEY}' is not valid JSON ({err})") from None
-    if not isinstance(info, dict):
-        raise ValueError(f"StemGen file {path}: header '{METADATA_KEY}' must be a JSON object")
-    return info
+    return json_entry(text, METADATA_KEY, f"StemGen file {path}")
 
 
 def is_stemgen_file(path: str | Path) -> bool:
