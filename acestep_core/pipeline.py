@@ -57,13 +57,13 @@ class Request:
     edit_n_max: float = _EDIT.n_max
     edit_n_avg: int = _EDIT.n_avg
     sample_rate: int = 48000
-    batch_branches: bool = _SAMPLING.batch_branches
+    batch_branches: bool = _SAMPLING.speed.batch_branches
 
     def options(self) -> tasks.SamplerOptions:
         """The sampler options this request asks for."""
         return tasks.SamplerOptions(
             steps=self.infer_step, scheduler=self.scheduler_type, guidance=self.guidance, oss_steps=self.oss_steps,
-            batch_branches=self.batch_branches,
+            speed=tasks.SpeedOptions(batch_branches=self.batch_branches),
         )
 
 

@@ -20,7 +20,7 @@ from .sampling.adapter import Branches, _repeat, encode_branches, make_predict, 
 from .sampling.branch_rows import conditional_rows
 from .sampling.denoiser import GuidanceConfig, guided_velocity  # noqa: F401
 from .sampling.guidance import MomentumBuffer, apg
-from .sampling.options import SamplerOptions, with_options  # noqa: F401  (re-exported: callers import them here)
+from .sampling.options import EAGER, SamplerOptions, SpeedOptions, with_options  # noqa: F401  (re-exported: callers import them here)
 from .sampling.samplers import SCHEDULERS, Callback, euler_step  # noqa: F401
 from .sampling.schedules import audio2audio_sigmas, heun_call_sigmas, official_sigmas  # noqa: F401
 

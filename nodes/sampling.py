@@ -112,7 +112,7 @@ class AceStepSampler:
         noise = wire.noise_for(transformer, seed, source.shape[0], retake_seed=retake_seed, latent=latent)
         progress = bridge.Progress(steps)
         frames = source.shape[-1] + int(mark.get("left_frames", 0)) + int(mark.get("right_frames", 0))
-        memory = _memory_settings("sampling", transformer, frames, source.shape[0], settings.batch_branches)
+        memory = _memory_settings("sampling", transformer, frames, source.shape[0], settings.speed.batch_branches)
         run = functools.partial(tasks.run_task, task, transformer, cond, source, mark, batch_size=source.shape[0],
                                 options=settings, noise=noise, callback=progress.step_callback())
         with torch.no_grad():
@@ -196,7 +196,7 @@ class AceStepSamplerOptions:
                     "tooltip": "Schedule shift (official 3.0).",
                 }),
                 "batch_branches": ("BOOLEAN", {
-                    "default": DEFAULTS.batch_branches,
+                    "default": DEFAULTS.speed.batch_branches,
                     "tooltip": "Fast path: run the guidance branches in one batched model call (more memory, "
                                "tiny numerical differences from the official separate calls).",
                 }),
@@ -215,7 +215,7 @@ class AceStepSamplerOptions:
             use_zero_init=bool(use_zero_init),
         )
         return (tasks.SamplerOptions(guidance=guidance, oss_steps=oss_steps, shift=float(shift),
-                                     batch_branches=bool(batch_branches)),)
+                                     speed=tasks.SpeedOptions(batch_branches=bool(batch_branches))),)
 
 
 class AceStepFlowEdit:
@@ -285,7 +285,7 @@ class AceStepFlowEdit:
         transformer = transformer_for(model)
         noise = wire.noise_for(transformer, seed, source.shape[0], retake_seed=seed, latent=latent)
         progress = bridge.Progress(steps)
-        memory = _memory_settings("editing", transformer, source.shape[-1], source.shape[0], options.batch_branches)
+        memory = _memory_settings("editing", transformer, source.shape[-1], source.shape[0], options.speed.batch_branches)
         run = functools.partial(tasks.flow_edit, transformer, src, tgt, source, edit=edit, batch_size=source.shape[0],
                                 options=options, noise=noise, callback=progress.step_callback())
         with torch.no_grad():

@@ -149,7 +149,7 @@ def test_command_line_and_official_args_take_the_dataclass_defaults():
 
     args = build_parser().parse_args(["generate", "--tags", "rock"])
     d = Request()
-    assert d.batch_branches is tasks.SamplerOptions().batch_branches is True  # the nodes' fast path
+    assert d.batch_branches is tasks.SamplerOptions().speed.batch_branches is True  # the nodes' fast path
     assert (args.steps, args.scheduler, args.edit_n_min, args.edit_n_max, args.guidance_scale, args.omega_scale) == (
         d.infer_step, d.scheduler_type, d.edit_n_min, d.edit_n_max, d.guidance.guidance_scale, d.guidance.omega_scale)
     official = request_from_official_args({"task": "edit"})

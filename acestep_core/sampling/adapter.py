@@ -63,19 +63,20 @@ def encode_branches(transformer, cond: Conditioning, batch: int, guidance: Guida
 def make_predict(transformer, branches: Branches, options: SamplerOptions = SamplerOptions()):
     """The network side of guidance: velocity of each requested branch at (x, sigma) (design §7.5).
 
-    With every fast option off this makes the official separate calls. `batch_branches` runs the requested
+    With every speed switch off (options.speed) this makes the official separate calls. `batch_branches` runs the requested
     branches as one call, the ERG-diffusion temperature given per item; `reuse_cross_kv` computes the
     cross-attention K/V of all branches once (on first use) and slices it; `skip_full_masks` drops the masks
     when they are all ones (checked once); `linear_ff` is passed to the transformer; `compile` compiles its blocks.
     """
-    if options.compile:
+    speed = options.speed
+    if speed.compile:
         from .fast import compile_blocks
 
         compile_blocks(transformer)
     present = [n for n, s in (("cond", branches.cond), ("text", branches.text), ("uncond", branches.uncond))
                if s is not None]
     tau = {n: ERG_TAU if n == "uncond" and branches.erg_diffusion else None for n in present}
-    full = options.skip_full_masks and bool((branches.mask == 1).all())
+    full = speed.skip_full_masks and bool((branches.mask == 1).all())
     all_kv: list = []
     per_item_tau: dict[tuple, Tensor] = {}
 
@@ -88,7 +89,7 @@ def make_predict(transformer, branches: Branches, options: SamplerOptions = Samp
         return torch.cat([t[i * b:(i + 1) * b] for i in idx])
 
     def kv_of(names: tuple[str, ...]):
-        if not options.reuse_cross_kv:
+        if not speed.reuse_cross_kv:
             return None
         if not all_kv:
             states = torch.cat([getattr(branches, n) for n in present])
@@ -114,10 +115,10 @@ def make_predict(transformer, branches: Branches, options: SamplerOptions = Samp
             mask = branches.mask.repeat(count, 1)
         with conditional_rows(branches.conditioning, cond_rows(names, x.shape[0])):
             return transformer.decode(xs, frames, states, mask, t, erg_tau=erg, cross_kv=kv_of(names),
-                                      linear_ff=options.linear_ff)
+                                      linear_ff=speed.linear_ff)
 
     def predict(x: Tensor, sigma: Tensor, names: tuple[str, ...]) -> tuple[Tensor, ...]:
-        if not options.batch_branches or len(names) == 1:
+        if not speed.batch_branches or len(names) == 1:
             return tuple(decode(x, sigma, (n,)) for n in names)
         return decode(x, sigma, tuple(names)).chunk(len(names))
 

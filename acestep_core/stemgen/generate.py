@@ -41,10 +41,10 @@ def _timbre_for(timbre: Tensor | None, batch: int, control: StemGenControl, devi
 def make_control_predict(transformer, control: StemGenControl, branches: Branches, reference: Tensor,
                          timbre: Tensor | None, control_scale: float, options: SamplerOptions):
     """`predict(x, sigma, names)` for the guidance adapter: the requested branches through `controlled_decode`,
-    one call each, or one batched call (ERG as a per-item temperature) with `options.batch_branches`;
+    one call each, or one batched call (ERG as a per-item temperature) with `options.speed.batch_branches`;
     `linear_ff` and `skip_full_masks` as in the base sampler (design §7.5)."""
     tau = {"cond": None, "text": None, "uncond": ERG_TAU if branches.erg_diffusion else None}
-    full = options.skip_full_masks and bool((branches.mask == 1).all())
+    full = options.speed.skip_full_masks and bool((branches.mask == 1).all())
 
     def decode(x: Tensor, sigma: Tensor, names: tuple[str, ...]) -> Tensor:
         count = len(names)
@@ -62,10 +62,10 @@ def make_control_predict(transformer, control: StemGenControl, branches: Branche
             return controlled_decode(transformer, control, x.repeat(repeat), frames, states, mask, t,
                                      reference=reference.repeat(repeat),
                                      timbre=None if timbre is None else timbre.repeat(count, 1),
-                                     control_scale=control_scale, erg_tau=erg, linear_ff=options.linear_ff)
+                                     control_scale=control_scale, erg_tau=erg, linear_ff=options.speed.linear_ff)
 
     def predict(x: Tensor, sigma: Tensor, names: tuple[str, ...]) -> tuple[Tensor, ...]:
-        if not options.batch_branches or len(names) == 1:
+        if not options.speed.batch_branches or len(names) == 1:
             return tuple(decode(x, sigma, (n,)) for n in names)
         return decode(x, sigma, tuple(names)).chunk(len(names))
 
