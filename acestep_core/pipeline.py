@@ -14,6 +14,7 @@ from torch import Tensor
 from . import audio as audio_io
 from . import tasks
 from .conditioning import Conditioning, encode_conditioning
+from .latent import frames_at
 from .noise import NoiseSource, SeededNoise
 from .sampling.denoiser import GuidanceConfig
 from .validation import MemorySettings, call_explaining_oom
@@ -83,10 +84,6 @@ def _encode_source(model, waveform: Tensor | None, rate: int | None, what: str) 
     return audio_io.encode_audio(model.dcae, model.vocoder.mel_transform, waveform, rate)
 
 
-def _frames(seconds: float) -> int:
-    return int(seconds * audio_io.SAMPLE_RATE / audio_io.SAMPLES_PER_LATENT)
-
-
 def _song_seconds(r: Request) -> float:
     """Length of the song a request works on (for the out-of-memory advice)."""
     if r.task in ("text2music", "retake"):
@@ -127,10 +124,10 @@ def generate(model, request: Request, *, noise: NoiseSource | None = None, callb
             return tasks.audio2audio(transformer, cond, ref, ref_strength=r.ref_audio_strength, **common)
         src = _encode_source(model, r.src_audio, r.src_sample_rate, "a source audio (src_audio)")
         if r.task == "repaint":
-            start, end = _frames(r.repaint_start), _frames(r.repaint_end)
+            start, end = frames_at(r.repaint_start), frames_at(r.repaint_end)
             return tasks.repaint(transformer, cond, src, start, end, variance=r.retake_variance, **common)
         if r.task == "extend":
-            start, end = _frames(r.repaint_start), _frames(r.repaint_end)
+            start, end = frames_at(r.repaint_start), frames_at(r.repaint_end)
             left, right = max(0, -start), max(0, end - src.shape[-1])
             return tasks.extend(transformer, cond, src, left, right, variance=r.retake_variance, **common)
         target = encode_conditioning(model, r.edit_target_prompt, r.edit_target_lyrics, erg_tag=False)
