@@ -22,7 +22,6 @@ def _seed_input(tooltip: str) -> tuple:
     return ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True, "tooltip": tooltip})
 
 
-
 SAMPLER_TOOLTIPS = {
     "seed": "Seed of the base noise (item i of a batch uses seed + i), as the official app.",
     "steps": "Sampling steps (official default 60).",
