@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from .loading import DEFAULT_REPO
-from .sampling.denoiser import GuidanceConfig
+from .sampling.denoiser import CFG_TYPES, GuidanceConfig
+from .sampling.samplers import SCHEDULERS
 
 DTYPES = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -24,12 +25,16 @@ def _text(value: str | None) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .pipeline import TASKS, Request
+
+    d = Request()  # every sampling and edit default is stated once, in the dataclasses (pipeline.Request)
+    gd = d.guidance
     parser = argparse.ArgumentParser(prog="python -m acestep_core", description="ACE-Step v1 music generation")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="make a song (or edit one) and write it to a file")
     g.add_argument("--tags", required=True, help="style description, e.g. 'pop, piano, female vocal, 100 bpm' (or @file)")
     g.add_argument("--lyrics", default="", help="lyrics with [verse]/[chorus] tags; empty = instrumental (or @file)")
-    g.add_argument("--duration", type=float, default=60.0, help="seconds of music (at most 240)")
+    g.add_argument("--duration", type=float, default=d.audio_duration, help="seconds of music (at most 240)")
     g.add_argument("--out", default="song.wav", help="output file (.wav or .flac); a batch adds _1, _2, ...")
     g.add_argument("--checkpoint", default=DEFAULT_REPO,
                    help="HF folder, ComfyUI all-in-one .safetensors, or Hugging Face repo id (downloaded when missing)")
@@ -37,37 +42,37 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lyric-vocab", default=None, help="path of the lyric vocab.json (else found automatically)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="auto = bf16 on GPU, fp32 on CPU")
-    g.add_argument("--task", default="text2music", choices=["text2music", "retake", "repaint", "extend", "edit", "audio2audio"])
-    g.add_argument("--steps", type=int, default=60, help="sampling steps (27 is fast, 60 the official default)")
-    g.add_argument("--scheduler", default="euler", choices=["euler", "heun", "pingpong"])
-    g.add_argument("--cfg-type", default="apg", choices=["apg", "cfg", "cfg_star"])
-    g.add_argument("--guidance-scale", type=float, default=15.0)
-    g.add_argument("--guidance-interval", type=float, default=0.5)
-    g.add_argument("--guidance-interval-decay", type=float, default=0.0)
-    g.add_argument("--min-guidance-scale", type=float, default=3.0)
-    g.add_argument("--guidance-scale-text", type=float, default=0.0)
-    g.add_argument("--guidance-scale-lyric", type=float, default=0.0)
-    g.add_argument("--omega-scale", type=float, default=10.0)
+    g.add_argument("--task", default=d.task, choices=list(TASKS))
+    g.add_argument("--steps", type=int, default=d.infer_step, help="sampling steps (27 is fast, 60 the official default)")
+    g.add_argument("--scheduler", default=d.scheduler_type, choices=list(SCHEDULERS))
+    g.add_argument("--cfg-type", default=gd.cfg_type, choices=list(CFG_TYPES))
+    g.add_argument("--guidance-scale", type=float, default=gd.guidance_scale)
+    g.add_argument("--guidance-interval", type=float, default=gd.guidance_interval)
+    g.add_argument("--guidance-interval-decay", type=float, default=gd.guidance_interval_decay)
+    g.add_argument("--min-guidance-scale", type=float, default=gd.min_guidance_scale)
+    g.add_argument("--guidance-scale-text", type=float, default=gd.guidance_scale_text)
+    g.add_argument("--guidance-scale-lyric", type=float, default=gd.guidance_scale_lyric)
+    g.add_argument("--omega-scale", type=float, default=gd.omega_scale)
     g.add_argument("--no-erg-tag", action="store_true")
     g.add_argument("--no-erg-lyric", action="store_true")
     g.add_argument("--no-erg-diffusion", action="store_true")
     g.add_argument("--oss-steps", default="", help="custom step list, e.g. '16,29,52,...' (euler/pingpong)")
     g.add_argument("--seed", type=int, default=None, help="seed (random when omitted); batch items use seed, seed+1, ...")
     g.add_argument("--retake-seed", type=int, default=None)
-    g.add_argument("--batch-size", type=int, default=1)
-    g.add_argument("--variance", type=float, default=0.5, help="retake / repaint variance (0..1)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--variance", type=float, default=d.retake_variance, help="retake / repaint variance (0..1)")
     g.add_argument("--src-audio", default=None, help="source audio for repaint / extend / edit")
     g.add_argument("--ref-audio", default=None, help="reference audio for audio2audio")
-    g.add_argument("--ref-strength", type=float, default=0.5)
-    g.add_argument("--repaint-start", type=float, default=0.0, help="seconds; negative extends to the left")
-    g.add_argument("--repaint-end", type=float, default=0.0, help="seconds; past the source extends to the right")
+    g.add_argument("--ref-strength", type=float, default=d.ref_audio_strength)
+    g.add_argument("--repaint-start", type=float, default=d.repaint_start, help="seconds; negative extends to the left")
+    g.add_argument("--repaint-end", type=float, default=d.repaint_end, help="seconds; past the source extends to the right")
     g.add_argument("--edit-tags", default="", help="target tags for edit")
     g.add_argument("--edit-lyrics", default="", help="target lyrics for edit (or @file)")
-    g.add_argument("--edit-n-min", type=float, default=0.6)
-    g.add_argument("--edit-n-max", type=float, default=1.0)
-    g.add_argument("--edit-n-avg", type=int, default=1)
+    g.add_argument("--edit-n-min", type=float, default=d.edit_n_min)
+    g.add_argument("--edit-n-max", type=float, default=d.edit_n_max)
+    g.add_argument("--edit-n-avg", type=int, default=d.edit_n_avg)
     g.add_argument("--lora", action="append", default=[], help="LoRA file or folder, optionally PATH:STRENGTH")
-    g.add_argument("--sample-rate", type=int, default=48000, choices=[44100, 48000],
+    g.add_argument("--sample-rate", type=int, default=d.sample_rate, choices=[44100, 48000],
                    help="44100 = the model's rate, 48000 = what the official app saves")
     return parser
 

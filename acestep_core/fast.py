@@ -1,11 +1,11 @@
-"""Speed and memory helpers around the pipeline: the eager option set, compiled transformer blocks, a decode
-that survives running out of device memory, and low-VRAM offloading of idle components (bench/README.md)."""
+"""Speed and memory helpers around the pipeline: compiled transformer blocks, a decode that survives running out of
+device memory, and low-VRAM offloading of idle components (bench/README.md). The fast-path switches themselves are
+`sampling.options.SpeedOptions` (all off: `sampling.options.EAGER`)."""
 from __future__ import annotations
 
 import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -14,17 +14,8 @@ from .audio import OVERLAP_WINDOW_FRAMES, SAMPLE_RATE, Progress, decode_latents
 from .models.dcae import DCAE
 from .models.vocoder import Vocoder
 
-EAGER = {"batch_branches": False, "reuse_cross_kv": False, "linear_ff": False, "skip_full_masks": False,
-         "compile": False}
-"""SamplerOptions fields that turn every fast-path option off: the official one-call-per-branch eager path."""
-
 MIN_WINDOW_FRAMES = 16
 """Smallest DCAE window the out-of-memory fallback tries (latent frames, 1.5 s)."""
-
-
-def eager_options(options):
-    """A copy of SamplerOptions `options` with every fast-path option off (the official call pattern)."""
-    return replace(options, **EAGER)
 
 
 def compile_blocks(transformer: nn.Module, *, mode: str | None = None) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from acestep_core.latent import frames_at
 from acestep_core.loading import load_acestep
 from acestep_core.models.transformer import AceStepTransformer, TransformerConfig
 from acestep_core.train.lora_layers import LoraSpec
@@ -123,7 +124,7 @@ def main() -> int:
         weights_gib = rss_gib()
 
     cfg = transformer.config
-    frames = int(args.seconds * 44100 / 512 / 8)
+    frames = frames_at(args.seconds)
     batch = args.batch_size
     table = training_sigmas(3.0)
     generator = torch.Generator().manual_seed(0)

@@ -161,3 +161,9 @@ def temp_folder() -> tuple[Path, str]:
     if folder_paths is not None:
         return Path(folder_paths.get_temp_directory()), "temp"
     return Path(tempfile.gettempdir()) / "acestep_pack", "temp"
+
+
+def output_folder() -> Path:
+    """ComfyUI's output directory, else ./output."""
+    folder_paths = comfy_module("folder_paths")
+    return Path(folder_paths.get_output_directory()) if folder_paths is not None else Path.cwd() / "output"

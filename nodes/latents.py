@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..acestep_core.tasks import LATENT_CHANNELS, LATENT_HEIGHT
+from ..acestep_core.latent import LATENT_CHANNELS, LATENT_HEIGHT
 from . import wire
 from .wire import CATEGORY, MAX_SECONDS
 

@@ -12,20 +12,16 @@ from pathlib import Path
 
 import torch
 
-from ..acestep_core import audio as codec
 from ..acestep_core import tasks
-from ..acestep_core.conditioning import encode_conditioning
-from ..acestep_core.noise import MAX_SEED, SeededNoise
-from ..acestep_core.sampling.denoiser import CFG_TYPES, GuidanceConfig
 from ..acestep_core.stemgen.control import StemGenControl
-from ..acestep_core.stemgen.generate import encode_reference, generate_latent, instrument_timbre, mix_with_reference
+from ..acestep_core.stemgen.generate import generate_accompaniment, generate_stem
 from ..acestep_core.stemgen.weights import StemGenWeights, is_stemgen_file, load_stemgen
 from . import bridge, files, wire
+from .sampling import sampler_widgets
 from .model import LoraEntry, ModelHandle, model_for, transformer_for
 from .wire import CATEGORY, MODEL, OPTIONS
 
 STEMGEN = "ACESTEP_STEMGEN"
-GUIDANCE = GuidanceConfig()
 DEFAULTS = tasks.SamplerOptions()
 OUTPUT_RATES = ("44100", "48000")
 NO_WEIGHTS = (
@@ -76,26 +72,16 @@ def control_for(weights: StemGenWeights, transformer: torch.nn.Module) -> StemGe
     return control
 
 
-def _seed_input(tooltip: str) -> tuple:
-    return ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True, "tooltip": tooltip})
-
-
 def _sampling_inputs() -> dict:
     """The sampling widgets shared by both generation nodes (defaults of the ACE-Step Sampler)."""
     return {
-        "seed": _seed_input("Seed of the noise (item i of a batch uses seed + i)."),
-        "steps": ("INT", {"default": DEFAULTS.steps, "min": 1, "max": 1000,
-                          "tooltip": "Sampling steps (official default 60)."}),
-        "scheduler": (list(tasks.SCHEDULERS), {"default": DEFAULTS.scheduler,
-                                               "tooltip": "euler (default), heun or pingpong."}),
-        "cfg_type": (list(CFG_TYPES), {"default": GUIDANCE.cfg_type,
-                                       "tooltip": "Guidance: apg (official default), cfg, or cfg_star."}),
-        "guidance_scale": ("FLOAT", {
-            "default": GUIDANCE.guidance_scale, "min": 0.0, "max": 200.0, "step": 0.1,
-            "tooltip": "Guidance towards the tags (official 15; 0 or 1 = off). The reference steers every branch.",
-        }),
-        "omega_scale": ("FLOAT", {"default": GUIDANCE.omega_scale, "min": -100.0, "max": 100.0, "step": 0.1,
-                                  "tooltip": "Granularity scale of the Euler/Heun step (official 10)."}),
+        **sampler_widgets(
+            seed="Seed of the noise (item i of a batch uses seed + i).",
+            scheduler="euler (default), heun or pingpong.",
+            cfg_type="Guidance: apg (official default), cfg, or cfg_star.",
+            guidance_scale="Guidance towards the tags (official 15; 0 or 1 = off). The reference steers every branch.",
+            omega_scale="Granularity scale of the Euler/Heun step (official 10).",
+        ),
         "control_scale": ("FLOAT", {
             "default": 1.0, "min": 0.0, "max": 3.0, "step": 0.01,
             "tooltip": "Strength of the control branch (1 = as trained; 0 = the base model ignores the reference).",
@@ -109,11 +95,10 @@ def _sampling_inputs() -> dict:
     }
 
 
-def _generate(task: str, model: ModelHandle, stemgen: StemGenWeights, reference: dict, tags: str,
-              instrument_audio: dict | None, seed: int, steps: int, scheduler: str, cfg_type: str,
-              guidance_scale: float, omega_scale: float, control_scale: float, lora_strength: float,
-              sample_rate: str, options) -> tuple[dict, dict]:
-    """Shared body of both nodes: (generated part, reference + generated part) as AUDIO."""
+def _inputs(task: str, model: ModelHandle, stemgen: StemGenWeights, reference: dict, steps: int, scheduler: str,
+            cfg_type: str, guidance_scale: float, omega_scale: float, lora_strength: float, sample_rate: str,
+            options) -> tuple[tuple, dict]:
+    """The checked inputs both nodes share: (model, transformer, control, waveform, rate) and the core settings."""
     if not isinstance(stemgen, StemGenWeights):
         raise ValueError(f"stemgen must come from the ACE-Step StemGen Loader node, got {type(stemgen).__name__}")
     if stemgen.task != task:
@@ -133,27 +118,15 @@ def _generate(task: str, model: ModelHandle, stemgen: StemGenWeights, reference:
     if stemgen.lora is not None and lora_strength != 0:
         honour = model.loras[-1].honour_alpha if model.loras else False
         handle = model.with_lora(LoraEntry(stemgen.lora, float(lora_strength), honour))
-    loaded = model_for(handle)
     transformer = transformer_for(handle)
-    control = control_for(stemgen, transformer)
-    progress = bridge.Progress(steps)
-    with torch.no_grad():
-        cond = encode_conditioning(loaded, tags, "", erg_tag=settings.guidance.use_erg_tag)
-        latent_ref = encode_reference(loaded, waveform, rate)
-        timbre = None
-        if instrument_audio is not None:
-            timbre = instrument_timbre(loaded, *wire.check_audio(instrument_audio, "instrument_audio"))
-        batch = latent_ref.shape[0]
-        parameter = next(transformer.parameters())
-        noise = SeededNoise(wire.seeds_for(seed, {}, batch), wire.seeds_for(seed, {}, batch), parameter.device,
-                            parameter.dtype)
-        latent = generate_latent(transformer, control, cond, latent_ref, timbre=timbre,
-                                 control_scale=float(control_scale), options=settings, noise=noise,
-                                 callback=progress.step_callback())
-        part = codec.decode_latents(loaded.dcae, loaded.vocoder, latent, sample_rate=int(sample_rate)).float()
-        mix = mix_with_reference(waveform, rate, part, int(sample_rate))
-    out_rate = int(sample_rate)
-    return ({"waveform": part.cpu(), "sample_rate": out_rate}, {"waveform": mix.cpu(), "sample_rate": out_rate})
+    parts = (model_for(handle), transformer, control_for(stemgen, transformer), waveform, rate)
+    return parts, {"options": settings, "sample_rate": int(sample_rate),
+                   "callback": bridge.Progress(steps).step_callback()}
+
+
+def _audio_pair(part: torch.Tensor, mix: torch.Tensor, sample_rate: int) -> tuple[dict, dict]:
+    """(generated part, reference + part) as AUDIO."""
+    return ({"waveform": part.cpu(), "sample_rate": sample_rate}, {"waveform": mix.cpu(), "sample_rate": sample_rate})
 
 
 class AceStepStemGenLoader:
@@ -221,8 +194,14 @@ class AceStepStemGen:
     def generate(self, model, stemgen, reference, instrument: str, seed: int, steps: int, scheduler: str,
                  cfg_type: str, guidance_scale: float, omega_scale: float, control_scale: float,
                  lora_strength: float, sample_rate: str, instrument_audio=None, options=None):
-        return _generate("stemgen", model, stemgen, reference, instrument, instrument_audio, seed, steps, scheduler,
-                         cfg_type, guidance_scale, omega_scale, control_scale, lora_strength, sample_rate, options)
+        (loaded, transformer, control, waveform, rate), settings = _inputs(
+            "stemgen", model, stemgen, reference, steps, scheduler, cfg_type, guidance_scale, omega_scale,
+            lora_strength, sample_rate, options)
+        timbre_audio = None if instrument_audio is None else wire.check_audio(instrument_audio, "instrument_audio")
+        with torch.no_grad():
+            stem, mix = generate_stem(loaded, transformer, control, instrument, waveform, rate, seed=int(seed),
+                                      instrument_audio=timbre_audio, control_scale=float(control_scale), **settings)
+        return _audio_pair(stem, mix, settings["sample_rate"])
 
 
 class AceStepSinging2Accompaniment:
@@ -257,5 +236,10 @@ class AceStepSinging2Accompaniment:
     def generate(self, model, stemgen, vocal, tags: str, seed: int, steps: int, scheduler: str, cfg_type: str,
                  guidance_scale: float, omega_scale: float, control_scale: float, lora_strength: float,
                  sample_rate: str, options=None):
-        return _generate("singing2accompaniment", model, stemgen, vocal, tags, None, seed, steps, scheduler,
-                         cfg_type, guidance_scale, omega_scale, control_scale, lora_strength, sample_rate, options)
+        (loaded, transformer, control, waveform, rate), settings = _inputs(
+            "singing2accompaniment", model, stemgen, vocal, steps, scheduler, cfg_type, guidance_scale, omega_scale,
+            lora_strength, sample_rate, options)
+        with torch.no_grad():
+            accompaniment, mix = generate_accompaniment(loaded, transformer, control, tags, waveform, rate,
+                                                        seed=int(seed), control_scale=float(control_scale), **settings)
+        return _audio_pair(accompaniment, mix, settings["sample_rate"])

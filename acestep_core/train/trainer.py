@@ -170,6 +170,15 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int) -> float:
     return max(0.0, 1.0 - (step - warmup_steps) / max(1, max_steps - warmup_steps))
 
 
+def optimizer_and_schedule(params, *, learning_rate: float, weight_decay: float, warmup_steps: int, max_steps: int,
+                           **adamw) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """The official optimiser: AdamW (betas 0.8/0.9) with the warm-up / linear-decay schedule of `lr_factor`
+    (shared by LoRA training and StemGen training)."""
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, betas=(0.8, 0.9), **adamw)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, max_steps))
+    return optimizer, scheduler
+
+
 def _derived_seed(seed: int, rank: int, name: str) -> int:
     """A generator seed per (run seed, rank, purpose)."""
     return int(hashlib.sha256(f"{seed}:{rank}:{name}".encode()).hexdigest()[:15], 16)
@@ -305,9 +314,9 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         trainable = sum(p.numel() for p in unwrap(model).parameters() if p.requires_grad)
         self.log(f"{cfg.mode}: {trainable:,} trainable parameters, {env.world_size} process(es) on {env.device.type}")
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.8, 0.9))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, cfg.warmup_steps, cfg.max_steps))
+        optimizer, scheduler = optimizer_and_schedule(params, learning_rate=cfg.learning_rate,
+                                                      weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+                                                      max_steps=cfg.max_steps)
         generators = {
             "timestep": torch.Generator().manual_seed(_derived_seed(cfg.seed, env.rank, "timestep")),
             "noise": torch.Generator(env.device).manual_seed(_derived_seed(cfg.seed, env.rank, "noise")),
