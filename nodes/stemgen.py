@@ -133,9 +133,9 @@ def _generate(task: str, model: ModelHandle, stemgen: StemGenWeights, reference:
     if stemgen.lora is not None and lora_strength != 0:
         honour = model.loras[-1].honour_alpha if model.loras else False
         handle = model.with_lora(LoraEntry(stemgen.lora, float(lora_strength), honour))
-    loaded = model_for(handle)
     transformer = transformer_for(handle)
     control = control_for(stemgen, transformer)
+    loaded = model_for(handle, extra={"stemgen": control})  # everything this node runs, in one call
     progress = bridge.Progress(steps)
     with torch.no_grad():
         cond = encode_conditioning(loaded, tags, "", erg_tag=settings.guidance.use_erg_tag)
