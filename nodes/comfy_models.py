@@ -74,7 +74,24 @@ class Managed:
 
 
 _MANAGED: dict[int, Managed] = {}
+# Patchers of freed models, emptied of their component. A model is often freed while ComfyUI is unloading its last
+# component (the cache lets go of it from that patcher's detach); ComfyUI still reads the patcher after detach
+# returns, so it must outlive that call: these are dropped at the next `use`.
+_RETIRED: list = []
 _LOCK = threading.RLock()
+
+
+def _forget(model_id: int) -> None:
+    """A managed model was freed: its patchers let go of its modules (freeing the weights) and retire."""
+    with _LOCK:
+        record = _MANAGED.pop(model_id, None)
+        if record is None:
+            return
+        for patcher in record.patchers.values():
+            patcher.model.component = None
+        _RETIRED.extend(record.patchers.values())
+        record.patchers.clear()
+        record.modules.clear()
 
 
 def _record(model, release: Callable[[object], None]) -> Managed:
@@ -82,7 +99,7 @@ def _record(model, release: Callable[[object], None]) -> Managed:
         record = _MANAGED.get(id(model))
         if record is None or record.model() is not model:
             record = _MANAGED[id(model)] = Managed(weakref.ref(model), release)
-            weakref.finalize(model, _MANAGED.pop, id(model), None)
+            weakref.finalize(model, _forget, id(model))
         return record
 
 
@@ -110,6 +127,7 @@ def use(model, components: Iterable[str], release: Callable[[object], None],
         return
     device = torch.device(model.device)
     with _LOCK:
+        _RETIRED.clear()
         record = _record(model, release)
         wanted = []
         for name in components:

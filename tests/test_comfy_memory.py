@@ -38,7 +38,8 @@ def tiny_models(monkeypatch):
 
 @pytest.fixture
 def comfy(monkeypatch):
-    """`comfy.model_management` + `comfy.model_patcher` stand-ins; state.loaded is the memory manager's list."""
+    """`comfy.model_management` + `comfy.model_patcher` stand-ins; state.loaded is the memory manager's list, which
+    (as ComfyUI's LoadedModel) holds the patchers weakly."""
     state = types.SimpleNamespace(loaded=[], full_loads=[])
 
     class ModelPatcher:
@@ -56,20 +57,25 @@ def comfy(monkeypatch):
                         force_full_load=False):
         state.full_loads.append(force_full_load)
         for patcher in models:
-            if patcher not in state.loaded:
+            if patcher not in loaded_models():
                 patcher.model.to(patcher.load_device)
-                state.loaded.insert(0, patcher)
+                state.loaded.insert(0, weakref.ref(patcher))
+
+    def loaded_models(only_currently_used=False):
+        return [ref() for ref in state.loaded if ref() is not None]
 
     def unload_all_models():
-        # LoadedModel.model_unload: a partial unload first; when it frees too little, detach
-        for patcher in list(state.loaded):
-            if patcher.partially_unload(patcher.offload_device, 1e30) < 1e30:
-                patcher.detach()
+        # LoadedModel.model_unload: a partial unload first; when it frees too little, detach; then (as ComfyUI's
+        # free_memory does) the patcher is read again
+        for ref in list(state.loaded):
+            if ref().partially_unload(ref().offload_device, 1e30) < 1e30:
+                ref().detach()
+            state.unloaded.append(type(ref().model).__name__)
         state.loaded.clear()
 
+    state.unloaded = []
     mm = types.ModuleType("comfy.model_management")
-    mm.load_models_gpu, mm.unload_all_models = load_models_gpu, unload_all_models
-    mm.loaded_models = lambda only_currently_used=False: list(state.loaded)
+    mm.load_models_gpu, mm.unload_all_models, mm.loaded_models = load_models_gpu, unload_all_models, loaded_models
     for name in ("unet_offload_device", "text_encoder_offload_device", "vae_offload_device"):
         setattr(mm, name, lambda: torch.device("cpu"))
     mm.get_torch_device = lambda: torch.device("cpu")
@@ -103,16 +109,16 @@ def test_each_node_has_comfyui_load_the_components_it_runs(comfy):
     (handle,) = run("AceStepLoader", checkpoint="acestep-v1-tiny", dtype="fp32", device="cpu")
     model = model_mod.model_for(handle, components=())
     # nothing of it is in ComfyUI's memory manager yet: the handle (a node output) holds it, not the cache
-    assert comfy.loaded == [] and len(model_mod.MODELS) == 0
+    assert comfy.mm.loaded_models() == [] and len(model_mod.MODELS) == 0
     run("AceStepTextEncode", model=handle, tags="pop", lyrics="")
     assert loaded_names(comfy, model) == ["text"] and model_mod.MODELS.keys() == [handle.key]
     assert model_mod.model_for(handle, components=()) is model
     text2music(handle)
     assert loaded_names(comfy, model) == TEXT2MUSIC
     assert all(comfy.full_loads)
-    assert {type(p.model).__name__ for p in comfy.loaded} == {
+    assert {type(p.model).__name__ for p in comfy.mm.loaded_models()} == {
         "AceStepPackTextEncoder", "AceStepPackTransformer", "AceStepPackDCAE", "AceStepPackVocoder"}
-    assert {id(p.model.component) for p in comfy.loaded} == {
+    assert {id(p.model.component) for p in comfy.mm.loaded_models()} == {
         id(model.text_encoder), id(model.transformer), id(model.dcae), id(model.vocoder)}
 
 
@@ -121,7 +127,7 @@ def test_unload_all_models_releases_the_model_and_the_next_run_loads_it_again(co
     first = text2music(handle)
     model = weakref.ref(model_mod.model_for(handle, components=()))
     comfy.mm.unload_all_models()
-    assert comfy.loaded == [] and len(model_mod.MODELS) == 0
+    assert comfy.mm.loaded_models() == [] and len(model_mod.MODELS) == 0
     # a node output ComfyUI still caches (the handle) keeps the model: it is taken back, not read again
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(model_mod, "_load", lambda key: pytest.fail("read from disk again"))
@@ -138,9 +144,9 @@ def test_unload_all_models_releases_the_model_and_the_next_run_loads_it_again(co
 def test_a_model_with_a_component_still_loaded_stays_cached(comfy):
     (handle,) = run("AceStepLoader", checkpoint="acestep-v1-tiny", dtype="fp32", device="cpu")
     model = model_mod.model_for(handle, ("text", "dcae"))
-    (text,) = [p for p in comfy.loaded if type(p.model).__name__ == "AceStepPackTextEncoder"]
+    (text,) = [r for r in comfy.loaded if type(r().model).__name__ == "AceStepPackTextEncoder"]
     comfy.loaded.remove(text)
-    text.detach()
+    text().detach()
     assert len(model_mod.MODELS) == 1 and loaded_names(comfy, model) == ["dcae"]
 
 
@@ -163,3 +169,16 @@ def test_a_failing_load_leaves_the_cached_model():
         models.get(b, broken)
     assert models.keys() == [a] and models.get(a, lambda: pytest.fail("evicted")) is kept
     assert not models.release(a, object()) and models.release(a, kept) and len(models) == 0
+
+
+def test_a_model_freed_while_comfyui_unloads_it_frees_its_weights_and_its_patchers_outlive_the_unload(comfy):
+    (handle,) = run("AceStepLoader", checkpoint="acestep-v1-tiny", dtype="fp32", device="cpu")
+    model = model_mod.model_for(handle, ("text", "dcae"))
+    freed = [weakref.ref(model), weakref.ref(model.text_encoder), weakref.ref(model.dcae)]
+    del model, handle
+    gc.collect()
+    assert all(ref() is not None for ref in freed)  # the cache holds it while ComfyUI holds some of it loaded
+    comfy.mm.unload_all_models()  # the last detach frees the model: ComfyUI then still reads its patcher
+    assert sorted(comfy.unloaded) == ["AceStepPackDCAE", "AceStepPackTextEncoder"]
+    gc.collect()
+    assert all(ref() is None for ref in freed) and len(model_mod.MODELS) == 0
