@@ -206,6 +206,16 @@ def _patcher_class() -> type:
     return _PATCHER_CLASS
 
 
+def staging_device(device: torch.device) -> torch.device:
+    """Where a model meant for `device` is read from disk: inside ComfyUI its offload device (the CPU, or the GPU
+    itself under --highvram), and ComfyUI's memory manager moves each component to `device` when a node runs it;
+    elsewhere `device` itself."""
+    mm = memory_manager()
+    if mm is None or device.type == "cpu":
+        return device
+    return torch.device(mm.unet_offload_device())
+
+
 def offload_device(kind: str, load_device: torch.device) -> torch.device:
     """Where ComfyUI parks a model of `kind` ("unet", "text", "vae") it unloads: its own rule (the GPU itself under
     --highvram / --gpu-only, else the CPU); the load device itself when that is the CPU."""

@@ -118,14 +118,12 @@ def _patcher(record: Managed, name: str, module: torch.nn.Module, kind: str, cla
     return patcher
 
 
-def use(model, components: Iterable[str], release: Callable[[object], None],
+def use(model, device: torch.device, components: Iterable[str], release: Callable[[object], None],
         extra: dict[str, torch.nn.Module] | None = None) -> None:
-    """Have ComfyUI load `components` of `model` (and `extra` modules, e.g. {"stemgen": control}) on the model's
-    device before a node runs them; `release(model)` is called once ComfyUI has unloaded all of them. No-op outside
-    ComfyUI."""
+    """Have ComfyUI load `components` of `model` (and `extra` modules, e.g. {"stemgen": control}) on `device` before
+    a node runs them; `release(model)` is called once ComfyUI holds none of them loaded. No-op outside ComfyUI."""
     if bridge.memory_manager() is None:
         return
-    device = torch.device(model.device)
     with _LOCK:
         _RETIRED.clear()
         record = _record(model, release)

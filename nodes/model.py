@@ -81,8 +81,9 @@ def _weights_bytes(path: Path) -> int:
 
 
 def _load(key: ModelKey) -> AceStepModel:
-    """Load every component of a checkpoint, with a progress bar over the components."""
-    device = torch.device(key.device)
+    """Load every component of a checkpoint, with a progress bar over the components (inside ComfyUI onto its offload
+    device: `comfy_models.use` has ComfyUI move each component to key.device when a node runs it)."""
+    device = bridge.staging_device(torch.device(key.device))
     bridge.free_memory(_weights_bytes(Path(key.path)), device)
     progress = bridge.Progress(4)
     return load_acestep(
@@ -94,13 +95,13 @@ def model_for(handle: ModelHandle, components=comfy_models.ALL, extra: dict | No
     """The loaded model of a handle (loaded again if the cache dropped it).
 
     Inside ComfyUI, `components` (and `extra` modules such as a StemGen branch) are then loaded by ComfyUI's memory
-    manager on the model's device: pass everything the node is about to run, in one call.
+    manager on the handle's device: pass everything the node is about to run, in one call.
     """
     if not isinstance(handle, ModelHandle):
         raise ValueError(f"model must come from the ACE-Step Loader node, got {type(handle).__name__}")
     key = handle.key
     model = MODELS.get(key, lambda: _load(key))
-    comfy_models.use(model, components, lambda loaded: MODELS.release(key, loaded), extra)
+    comfy_models.use(model, torch.device(key.device), components, lambda loaded: MODELS.release(key, loaded), extra)
     return model
 
 

@@ -182,3 +182,16 @@ def test_a_model_freed_while_comfyui_unloads_it_frees_its_weights_and_its_patche
     assert sorted(comfy.unloaded) == ["AceStepPackDCAE", "AceStepPackTextEncoder"]
     gc.collect()
     assert all(ref() is None for ref in freed) and len(model_mod.MODELS) == 0
+
+
+def test_inside_comfyui_a_gpu_model_is_read_onto_comfyuis_offload_device(comfy):
+    cuda = torch.device("cuda", 0)
+    assert bridge.staging_device(cuda) == torch.device("cpu")  # ComfyUI moves each component when a node runs it
+    assert bridge.offload_device("text", cuda) == torch.device("cpu")
+    comfy.mm.unet_offload_device = lambda: cuda  # --highvram: ComfyUI keeps models on the GPU
+    assert bridge.staging_device(cuda) == cuda and bridge.staging_device(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_outside_comfyui_a_model_is_read_onto_its_own_device():
+    cuda = torch.device("cuda", 0)
+    assert bridge.staging_device(cuda) == cuda and bridge.offload_device("unet", cuda) == cuda
