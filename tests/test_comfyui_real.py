@@ -503,3 +503,40 @@ def test_free_releases_the_pack_models_and_the_next_run_loads_them_again(server)
     assert pack_loaded(probe(server, run_prompt)) == TEXT2MUSIC_COMPONENTS
     assert again.shape == first.shape and np.array_equal(again, first)
     server.report["memory"] = {"loaded_after_run": TEXT2MUSIC_COMPONENTS, "after_free": report}
+
+
+def test_progress_and_cancel_reach_the_pack_nodes_under_the_memory_manager(server):
+    """The sampler's progress bar reaches the editor, Cancel (POST /interrupt) stops it, and the model still works."""
+    prompt = tiny_prompt("acestep_text2music")
+    (sampler,) = [k for k, node in prompt.items() if node["class_type"] == "AceStepSampler"]
+    steps = 500
+    prompt[sampler]["inputs"].update(seed=98765, steps=steps)
+    client_id = uuid.uuid4().hex
+    ws = WebSocket(server.port, f"/ws?clientId={client_id}", timeout=30)
+    progress = []
+    try:
+        status, answer = server.post("/prompt", {"prompt": prompt, "client_id": client_id})
+        assert status == 200 and answer.get("node_errors") == {}, answer
+        prompt_id, deadline = answer["prompt_id"], time.monotonic() + PROMPT_TIMEOUT
+        while True:
+            try:
+                message = ws.receive(deadline)
+            except socket.timeout:
+                pytest.fail(f"the interrupted prompt did not end within {PROMPT_TIMEOUT:.0f} s:\n{server.log_tail()}")
+            if message is None or message.get("data", {}).get("prompt_id") != prompt_id:
+                continue
+            if message["type"] == "progress" and message["data"]["node"] == sampler:
+                progress.append((message["data"]["value"], message["data"]["max"]))
+                if len(progress) == 2:
+                    server.post("/interrupt", {})
+            if message["type"] == "execution_interrupted":
+                break
+            if message["type"] in ("execution_success", "execution_error"):
+                pytest.fail(f"expected the prompt to be interrupted, got {message['type']}")
+    finally:
+        ws.close()
+    assert len(progress) >= 2 and all(total == steps for _, total in progress)
+    assert [value for value, _ in progress[:2]] == [1, 2] and progress[-1][0] < steps
+    # the interrupted run loaded its text encoder and transformer through ComfyUI, and they stay usable
+    assert {"AceStepPackTextEncoder", "AceStepPackTransformer"} <= set(pack_loaded(probe(server, run_prompt)))
+    assert run_text2music(server, seed=1234).shape[1] == 2
