@@ -33,7 +33,7 @@ class AceStepEncode:
 
     def encode(self, model: ModelHandle, audio: dict):
         waveform, rate = wire.check_audio(audio, "audio")
-        loaded = model_for(model)
+        loaded = model_for(model, ("dcae", "vocoder"))
         progress = bridge.Progress(waveform.shape[0])
         latents = codec.encode_audio(loaded.dcae, loaded.vocoder.mel_transform, waveform, rate,
                                      callback=progress.chunk_callback())
@@ -68,7 +68,7 @@ class AceStepDecode:
         if str(sample_rate) not in OUTPUT_RATES:
             raise ValueError(f"sample_rate must be one of {OUTPUT_RATES}, got {sample_rate!r}")
         samples = wire.samples_of(latent, "latent")
-        loaded = model_for(model)
+        loaded = model_for(model, ("dcae", "vocoder"))
         progress = bridge.Progress(samples.shape[0] * 3)
         waveform = codec.decode_latents(loaded.dcae, loaded.vocoder, samples, sample_rate=int(sample_rate),
                                         callback=progress.chunk_callback())

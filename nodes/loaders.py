@@ -72,9 +72,8 @@ class AceStepLoader:
         target = choose_device(device)
         repo_id = (repo_id or "").strip()
         path = repo_path(repo_id) if repo_id else files.resolve("checkpoint", checkpoint, files.checkpoints())
-        handle = ModelHandle(make_key(path, choose_dtype(dtype, target), target))
-        model_for(handle)
-        return (handle,)
+        key = make_key(path, choose_dtype(dtype, target), target)
+        return (ModelHandle(key, model=model_for(ModelHandle(key), components=())),)
 
 
 class AceStepLoraLoader:

@@ -8,14 +8,14 @@ sampling.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..acestep_core.loading import AceStepModel, load_acestep
 from ..acestep_core.lora import LoraWeights, ensure_loras, load_lora_file
-from . import bridge
+from . import bridge, comfy_models
 from .cache import MODELS, ModelKey
 
 SOCKET = "ACESTEP_MODEL"
@@ -38,10 +38,13 @@ class ModelHandle:
 
     key: ModelKey
     loras: tuple[LoraEntry, ...] = ()
+    # The loaded model, held while ComfyUI keeps this handle as a node output (after ComfyUI's memory manager has
+    # unloaded the model, the cache lets go of it and this is what keeps it; see nodes/comfy_models.py).
+    model: object = field(default=None, compare=False, repr=False)
 
     def with_lora(self, entry: LoraEntry) -> ModelHandle:
         """A new handle with `entry` stacked on top (this one is unchanged)."""
-        return ModelHandle(self.key, self.loras + (entry,))
+        return ModelHandle(self.key, self.loras + (entry,), self.model)
 
 
 def choose_device(device: str) -> torch.device:
@@ -78,8 +81,9 @@ def _weights_bytes(path: Path) -> int:
 
 
 def _load(key: ModelKey) -> AceStepModel:
-    """Load every component of a checkpoint, with a progress bar over the components."""
-    device = torch.device(key.device)
+    """Load every component of a checkpoint, with a progress bar over the components (inside ComfyUI onto its offload
+    device: `comfy_models.use` has ComfyUI move each component to key.device when a node runs it)."""
+    device = bridge.staging_device(torch.device(key.device))
     bridge.free_memory(_weights_bytes(Path(key.path)), device)
     progress = bridge.Progress(4)
     return load_acestep(
@@ -87,16 +91,23 @@ def _load(key: ModelKey) -> AceStepModel:
     )
 
 
-def model_for(handle: ModelHandle) -> AceStepModel:
-    """The loaded model of a handle (loaded again if the cache dropped it)."""
+def model_for(handle: ModelHandle, components=comfy_models.ALL, extra: dict | None = None) -> AceStepModel:
+    """The loaded model of a handle (loaded again if the cache dropped it).
+
+    Inside ComfyUI, `components` (and `extra` modules such as a StemGen branch) are then loaded by ComfyUI's memory
+    manager on the handle's device: pass everything the node is about to run, in one call.
+    """
     if not isinstance(handle, ModelHandle):
         raise ValueError(f"model must come from the ACE-Step Loader node, got {type(handle).__name__}")
-    return MODELS.get(handle.key, lambda: _load(handle.key))
+    key = handle.key
+    model = MODELS.get(key, lambda: _load(key))
+    comfy_models.use(model, torch.device(key.device), components, lambda loaded: MODELS.release(key, loaded), extra)
+    return model
 
 
 def transformer_for(handle: ModelHandle) -> torch.nn.Module:
     """The transformer with exactly the handle's LoRAs applied (no work when they already are)."""
-    model = model_for(handle)
+    model = model_for(handle, ("transformer",))
     modes = {entry.honour_alpha for entry in handle.loras}
     if len(modes) > 1:
         raise ValueError(

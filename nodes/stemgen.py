@@ -119,7 +119,9 @@ def _inputs(task: str, model: ModelHandle, stemgen: StemGenWeights, reference: d
         honour = model.loras[-1].honour_alpha if model.loras else False
         handle = model.with_lora(LoraEntry(stemgen.lora, float(lora_strength), honour))
     transformer = transformer_for(handle)
-    parts = (model_for(handle), transformer, control_for(stemgen, transformer), waveform, rate)
+    control = control_for(stemgen, transformer)
+    loaded = model_for(handle, extra={"stemgen": control})  # everything this node runs, in one call
+    parts = (loaded, transformer, control, waveform, rate)
     return parts, {"options": settings, "sample_rate": int(sample_rate),
                    "callback": bridge.Progress(steps).step_callback()}
 

@@ -117,7 +117,7 @@ class AceStepLyricTiming:
                 f"the lyric timing covers {attention.frames} latent frames but the latent has {frames}; use the "
                 "latent straight from the sampler that collected it"
             )
-        alignment = align_lyrics(attention, model_for(model).lyric_tokenizer, item=int(batch_index),
+        alignment = align_lyrics(attention, model_for(model, components=()).lyric_tokenizer, item=int(batch_index),
                                  threshold=float(threshold))
         lrc = to_lrc(alignment.lines, alignment.duration, keep_unsung=bool(keep_unsung))
         image = draw_alignment(alignment)
