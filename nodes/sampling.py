@@ -5,14 +5,17 @@ import torch
 
 from ..acestep_core import tasks
 from ..acestep_core.noise import MAX_SEED, SeededNoise
+from ..acestep_core.params import EDIT_TYPES, app_default, edit_range
 from ..acestep_core.sampling.denoiser import CFG_TYPES, GuidanceConfig
 from ..acestep_core.validation import MemorySettings, call_explaining_oom
 from . import bridge, timing, wire
+from . import params as app_nodes
 from .model import ModelHandle, transformer_for
 from .wire import CATEGORY, COND, MODEL, OPTIONS
 
-GUIDANCE = GuidanceConfig()
-DEFAULTS = tasks.SamplerOptions()
+# the official app's UI values where they differ from the pipeline's (acestep_core.params.APP_DEFAULTS)
+GUIDANCE = GuidanceConfig(use_erg_lyric=app_default("use_erg_lyric"))
+DEFAULTS = tasks.SamplerOptions(guidance=GUIDANCE)
 EDIT_SCHEDULERS = ("euler", "pingpong")
 
 
@@ -34,10 +37,12 @@ RUNNERS = {
 }
 
 
-def _noise(transformer, latent: dict, batch: int, seed: int, retake_seed: int) -> SeededNoise:
-    """Official per-item generators on the model's device, in the model's dtype (design §7.9)."""
+def _noise(transformer, latent: dict, batch: int, seed: int, retake_seed: int, seeds: str = "") -> SeededNoise:
+    """Official per-item generators on the model's device, in the model's dtype (design §7.9); `seeds` lists one
+    seed per item as the app's manual seeds ('1,2,3,4')."""
     p = next(transformer.parameters())
-    return SeededNoise(wire.seeds_for(seed, latent, batch), wire.seeds_for(retake_seed, latent, batch), p.device, p.dtype)
+    manual = app_nodes.seeds_input_value(seeds, seed, latent, batch)
+    return SeededNoise(manual, wire.seeds_for(retake_seed, latent, batch), p.device, p.dtype)
 
 
 class AceStepSampler:
@@ -98,12 +103,17 @@ class AceStepSampler:
                     "tooltip": "Collect the lyric cross-attention while sampling, for ACE-Step Lyric Timing (the "
                                "song is unchanged; needs compile off).",
                 }),
+                "seeds": ("STRING", {
+                    "default": "",
+                    "tooltip": "One seed per batch item, as the official app's manual seeds ('1,2,3,4'; a shorter "
+                               "list repeats its last seed); empty = seed + i.",
+                }),
             },
         }
 
     def sample(self, model: ModelHandle, conditioning, latent: dict, seed: int, steps: int, scheduler: str,
                cfg_type: str, guidance_scale: float, omega_scale: float, options=None,
-               retake_variance: float = 0.0, retake_seed: int = 0, collect_lyric_timing: bool = False):
+               retake_variance: float = 0.0, retake_seed: int = 0, collect_lyric_timing: bool = False, seeds: str = ""):
         source = wire.samples_of(latent, "latent")
         cond = wire.check_conditioning(conditioning, "conditioning")
         mark = wire.mark_of(latent) or {"task": "text2music", "retake_variance": float(retake_variance)}
@@ -120,7 +130,7 @@ class AceStepSampler:
             guidance_scale=guidance_scale, omega_scale=omega_scale,
         )
         transformer = transformer_for(model)
-        noise = _noise(transformer, latent, source.shape[0], seed, retake_seed)
+        noise = _noise(transformer, latent, source.shape[0], seed, retake_seed, seeds)
         progress = bridge.Progress(steps)
         frames = source.shape[-1] + int(mark.get("left_frames", 0)) + int(mark.get("right_frames", 0))
         memory = _memory_settings("sampling", transformer, frames, source.shape[0], settings.batch_branches)
@@ -132,6 +142,8 @@ class AceStepSampler:
             ))
         drop = (("noise_mask",) if out.shape[-1] != source.shape[-1] else ()) + (timing.TIMING_KEY,)
         result = wire.with_samples(latent, out, drop=drop)
+        result[app_nodes.PARAMS_KEY] = app_nodes.sampler_record(cond, source, settings, noise.seeds,
+                                                                noise.retake_seeds, mark, retake_variance)
         if collected is not None:
             result[timing.TIMING_KEY] = collected
         return (result,)
@@ -184,7 +196,7 @@ class AceStepSamplerOptions:
                 }),
                 "use_erg_lyric": ("BOOLEAN", {
                     "default": g.use_erg_lyric,
-                    "tooltip": "ERG on the lyrics (pipeline default on; the official UI turns it off).",
+                    "tooltip": "ERG on the lyrics (off as the official app's UI; the pipeline's default is on).",
                 }),
                 "use_erg_diffusion": ("BOOLEAN", {
                     "default": g.use_erg_diffusion,
@@ -280,13 +292,20 @@ class AceStepFlowEdit:
                     "tooltip": "Collect the target lyrics' cross-attention while editing, for ACE-Step Lyric "
                                "Timing (the result is unchanged; needs compile off).",
                 }),
+                "edit_type": (["custom", *EDIT_TYPES], {
+                    "default": "custom",
+                    "tooltip": "As the official app's Edit Type: only_lyrics sets n_min 0.6 / n_max 1.0 (same "
+                               "music, new words), remix 0.2 / 0.4 (melody and genre may change); custom uses the "
+                               "n_min / n_max widgets.",
+                }),
             },
         }
 
     def edit(self, model: ModelHandle, source_conditioning, target_conditioning, latent: dict, seed: int,
              steps: int, guidance_scale: float, scheduler: str, n_min: float, n_max: float, n_avg: int,
-             collect_lyric_timing: bool = False):
+             collect_lyric_timing: bool = False, edit_type: str = "custom"):
         source = wire.samples_of(latent, "latent")
+        n_min, n_max = edit_range(edit_type, n_min, n_max)
         src = wire.check_conditioning(source_conditioning, "source_conditioning")
         tgt = wire.check_conditioning(target_conditioning, "target_conditioning")
         if scheduler not in EDIT_SCHEDULERS:
@@ -305,6 +324,7 @@ class AceStepFlowEdit:
                 memory,
             ))
         result = wire.with_samples(latent, out, drop=(timing.TIMING_KEY,))
+        result[app_nodes.PARAMS_KEY] = app_nodes.edit_record(src, tgt, source, options, noise.retake_seeds, edit)
         if collected is not None:
             result[timing.TIMING_KEY] = collected
         return (result,)

@@ -1,0 +1,303 @@
+"""The official app's side: its UI defaults, parameter files both ways (CLI and nodes), presets, seed lists,
+random duration and the edit types (acestep_core.params, acestep_core.presets, acestep_core.cli_app, nodes/params).
+
+The official parameter files in tests/data/app carry the keys the official ``ACEStepPipeline.__call__`` writes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import soundfile
+import torch
+
+from acestep_core import cli, params
+from acestep_core.pipeline import request_from_official_args
+from acestep_core.presets import GENRE_PRESETS, PRESET_NAMES, preset_tags
+from conftest import DATA, TINY, TINY_FOLDER, VOCAB
+from pack_loader import load_pack
+
+pack = load_pack()
+NODES = pack.NODE_CLASS_MAPPINGS
+APP_FILES = DATA / "app"
+OFFICIAL = APP_FILES / "output_20260101120000_0_input_params.json"
+OLD_OFFICIAL = APP_FILES / "output_20250101000000_0_input_params.json"
+TINY_ARGS = ["--checkpoint", str(TINY_FOLDER), "--lyric-vocab", str(VOCAB), "--device", "cpu"]
+
+
+def _parse(*argv: str):
+    return cli.build_parser().parse_args(["generate", "--tags", "pop", *argv])
+
+
+def _node_default(node: str, name: str):
+    spec = NODES[node].INPUT_TYPES()
+    return {**spec["required"], **spec.get("optional", {})}[name][1]["default"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the app's defaults: one test per value where the app's UI and the pipeline differ
+
+
+def test_every_app_default_differs_from_the_pipeline_and_names_its_line():
+    for name, d in params.APP_DEFAULTS.items():
+        assert d.app != d.pipeline, name
+        assert d.source.startswith("acestep/"), name
+
+
+def test_use_erg_lyric_is_off_as_the_app_ui():
+    """acestep/ui/components.py: use_erg_lyric = gr.Checkbox(label="use ERG for lyric", value=False)."""
+    assert "use_erg_lyric" in params.APP_DEFAULTS["use_erg_lyric"].source
+    assert _parse().erg_lyric is False
+    assert _node_default("AceStepSamplerOptions", "use_erg_lyric") is False
+    sampling = __import__(f"{pack.__name__}.nodes.sampling", fromlist=["DEFAULTS"])
+    assert sampling.DEFAULTS.guidance.use_erg_lyric is False  # the sampler without an options node
+    # parity keeps the pipeline's default
+    assert request_from_official_args({}).guidance.use_erg_lyric is True
+
+
+def test_duration_is_random_by_default_as_the_app_ui():
+    """acestep/ui/components.py: audio_duration = gr.Slider(-1, 240.0, value=-1), -1 = random 30-240 s."""
+    assert _parse().duration == -1
+    rng = random.Random(5)
+    drawn = [params.resolve_duration(-1, rng) for _ in range(50)]
+    assert all(30.0 <= d <= 240.0 for d in drawn) and len(set(drawn)) == 50
+    assert request_from_official_args({}).audio_duration == 60.0
+    with pytest.raises(ValueError, match="-1 for a random"):
+        params.resolve_duration(-2)
+
+
+def test_output_rate_is_48k_as_the_app_saves():
+    """acestep/pipeline_ace_step.py: latents2audio(..., sample_rate=48000)."""
+    assert _parse().sample_rate == 48000
+    assert _node_default("AceStepDecode", "sample_rate") == "48000"
+
+
+@pytest.mark.parametrize("task, expected, line", [
+    ("retake", 0.2, "retake tab"), ("repaint", 0.2, "repainting tab"), ("extend", 1.0, "retake_variance=1.0"),
+])
+def test_variance_per_task_as_the_app_ui(task, expected, line):
+    """components.py: retake and repainting tabs gr.Slider(value=0.2, label="variance"); extend_process_func
+    passes retake_variance=1.0."""
+    key = {"retake": "retake_variance", "repaint": "repaint_variance", "extend": "extend_variance"}[task]
+    assert line in params.APP_DEFAULTS[key].source
+    args = _parse("--task", task)
+    assert args.variance is None
+    assert cli.cli_app.prepare(args).variance == expected
+    assert request_from_official_args({}).retake_variance == 0.5
+    if task == "extend":
+        assert _node_default("AceStepExtend", "variance") == expected
+    if task == "repaint":
+        assert _node_default("AceStepRepaintRegion", "variance") == expected
+
+
+def test_edit_n_min_as_the_app_ui():
+    """components.py, edit tab: edit_n_min = gr.Slider(value=0.6) (only_lyrics)."""
+    assert _parse().edit_n_min == 0.6
+    assert _node_default("AceStepFlowEdit", "n_min") == 0.6
+    assert request_from_official_args({}).edit_n_min == 0.0
+
+
+def test_edit_falls_back_to_the_source_texts_as_the_app():
+    """components.py edit_process_func: an empty edit prompt / lyrics takes the source's."""
+    setup = cli.cli_app.prepare(_parse("--lyrics", "[verse]\nla la", "--task", "edit", "--edit-lyrics", "[verse]\nlo"))
+    assert (setup.edit_tags, setup.edit_lyrics) == ("pop", "[verse]\nlo")
+    setup = cli.cli_app.prepare(_parse("--lyrics", "[verse]\nla", "--task", "edit", "--edit-tags", "rock"))
+    assert (setup.edit_tags, setup.edit_lyrics) == ("rock", "[verse]\nla")
+
+
+def test_edit_types_set_n_min_n_max_as_the_app():
+    """components.py edit_type_change_func: only_lyrics 0.6/1.0, remix 0.2/0.4."""
+    assert params.edit_range("only_lyrics", 0.1, 0.2) == (0.6, 1.0)
+    assert params.edit_range("remix", 0.1, 0.2) == (0.2, 0.4)
+    assert params.edit_range("custom", 0.1, 0.2) == (0.1, 0.2)
+    assert cli.cli_app.prepare(_parse("--edit-type", "remix")).edit_n_min == 0.2
+    with pytest.raises(ValueError, match="edit_type"):
+        params.edit_range("karaoke", 0, 1)
+    choices = NODES["AceStepFlowEdit"].INPUT_TYPES()["optional"]["edit_type"][0]
+    assert choices == ["custom", "only_lyrics", "remix"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# presets and seeds
+
+
+def test_genre_presets_are_the_apps():
+    assert PRESET_NAMES[0] == "Custom" and len(GENRE_PRESETS) == 10
+    assert preset_tags("Custom", "my own") == "my own"
+    assert preset_tags("EDM", "ignored").startswith("edm, synth")
+    (tags,) = NODES["AceStepGenrePreset"]().pick("Jazz", "")
+    assert tags == GENRE_PRESETS["Jazz"]
+    with pytest.raises(ValueError, match="preset"):
+        preset_tags("Polka", "")
+
+
+def test_seed_lists_as_the_app_manual_seeds():
+    assert params.parse_seed_list("1,2,3,4") == [1, 2, 3, 4]
+    assert params.parse_seed_list(" 5, 6 ") == [5, 6]
+    assert params.parse_seed_list("") is None
+    assert params.seeds_for_batch([7, 8], 4) == [7, 8, 8, 8]  # official set_seeds pads with the last seed
+    for bad in ("1,x", "-1", str(2**32)):
+        with pytest.raises(ValueError, match="seed"):
+            params.parse_seed_list(bad)
+    with pytest.raises(ValueError, match="at most one per item"):
+        params.seeds_for_batch([1, 2, 3], 2)
+    setup = cli.cli_app.prepare(_parse("--seed", "1,2,3,4", "--batch-size", "4"))
+    assert setup.seeds == [1, 2, 3, 4]
+    assert cli.cli_app.prepare(_parse("--seed", "9", "--batch-size", "2")).seeds == [9, 10]
+
+
+def test_empty_latent_minus_one_is_a_random_length():
+    node = NODES["AceStepEmptyLatent"]()
+    frames = {node.make(-1.0, 1)[0]["samples"].shape[-1] for _ in range(5)}
+    assert all(int(30 * 44100 / 4096) <= f <= int(240 * 44100 / 4096) for f in frames) and len(frames) > 1
+    assert NODES["AceStepEmptyLatent"].IS_CHANGED(-1.0, 1) != NODES["AceStepEmptyLatent"].IS_CHANGED(-1.0, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parameter files
+
+
+def test_official_file_reads_into_official_args():
+    data = params.read_params(OFFICIAL)
+    args = params.official_args(data)
+    assert args["manual_seeds"] == [1234567] and args["retake_seeds"] == [7654321]
+    assert args["use_erg_lyric"] is False and args["oss_steps"] == "" and args["batch_size"] == 1
+    request = request_from_official_args(args)
+    assert (request.prompt, request.audio_duration, request.infer_step) == (data["prompt"], 1.5, 2)
+    old = params.official_args(params.read_params(OLD_OFFICIAL))
+    assert old["task"] == "text2music" and old["manual_seeds"] == [1234567]
+
+
+def test_bad_parameter_files_say_which_key(tmp_path):
+    for content, match in (({"prompt": "x", "infer_step": "many"}, "infer_step"),
+                           ({"prompt": "x", "task": "karaoke"}, "task"),
+                           ({"lyrics": "x"}, "prompt"), ([1, 2], "JSON object"),
+                           ({"prompt": "x", "actual_seeds": [-5]}, "actual_seeds")):
+        path = tmp_path / "p_input_params.json"
+        path.write_text(json.dumps(content))
+        with pytest.raises(ValueError, match=match):
+            params.read_params(path)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        params.read_params(path)
+
+
+def test_edit_record_keeps_official_keys_and_the_source_texts():
+    request = request_from_official_args({"task": "edit", "prompt": "src tags", "lyrics": "src", "audio_duration": 2.0,
+                                          "edit_target_prompt": "new tags", "edit_target_lyrics": "new"})
+    record = params.params_record(request, actual_seeds=[1], retake_seeds=[2], audio_path="x.wav")
+    assert set(params.OFFICIAL_KEYS) <= set(record)
+    assert (record["prompt"], record["lyrics"]) == ("new tags", "new")  # as the official __call__ writes it
+    back = params.official_args(params.check_params(json.loads(json.dumps(record))))
+    assert (back["prompt"], back["lyrics"], back["edit_target_prompt"]) == ("src tags", "src", "new tags")
+
+
+def test_cli_runs_an_official_file_and_its_own_file_round_trips(tmp_path, capsys):
+    """--params on the app's file, then --params on the file we wrote: the same song, the same settings."""
+    first = tmp_path / "first.wav"
+    assert cli.main(["generate", "--params", str(OFFICIAL), "--out", str(first), *TINY_ARGS]) == 0
+    written = params.params_path_for(first)
+    record = json.loads(written.read_text(encoding="utf-8"))
+    official = json.loads(OFFICIAL.read_text(encoding="utf-8"))
+    assert list(record)[: len(params.OFFICIAL_KEYS)] == list(params.OFFICIAL_KEYS)
+    for key in official:
+        if key not in ("timecosts", "audio_path"):
+            assert record[key] == official[key], key
+    assert record["audio_path"] == str(first)
+    audio, rate = soundfile.read(str(first), dtype="float32")
+    frames = int(1.5 * 44100 / 4096)
+    assert rate == 48000 and audio.shape == (math.ceil(frames * 4096 * 48000 / 44100), 2)
+    assert soundfile.info(str(first)).subtype == "FLOAT"
+    second = tmp_path / "again.flac"
+    assert cli.main(["generate", "--params", str(written), "--out", str(second), *TINY_ARGS]) == 0
+    again = json.loads(params.params_path_for(second).read_text(encoding="utf-8"))
+    assert {k: v for k, v in again.items() if k not in ("timecosts", "audio_path", "format")} == \
+        {k: v for k, v in record.items() if k not in ("timecosts", "audio_path", "format")}
+    audio2, _ = soundfile.read(str(second), dtype="float32")
+    assert audio2.shape == audio.shape
+    assert abs(audio2 - audio).max() < 1e-3  # FLAC's 24-bit step; the same seeds give the same song
+    # a flag given on the command line wins over the file
+    args = cli.cli_app.parse(cli.build_parser(), ["generate", "--params", str(OFFICIAL), "--steps", "3"])
+    assert args.steps == 3 and args.seed == "1234567" and args.erg_lyric is False
+
+
+def test_cli_rejects_a_missing_params_file_and_an_unknown_format(tmp_path, capsys):
+    assert cli.main(["generate", "--params", str(tmp_path / "none.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["generate", "--tags", "pop", "--out", str(tmp_path / "x.aiff"), *TINY_ARGS]) == 2
+    assert ".mp3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", params.AUDIO_FORMATS)
+def test_audio_formats_write(tmp_path, fmt):
+    from acestep_core.audiofile import write_audio
+
+    wave = 0.1 * torch.sin(torch.linspace(0, 600, 4800)).repeat(2, 1)
+    path = write_audio(tmp_path / f"a.{fmt}", wave, 48000)
+    info = soundfile.info(str(path))
+    assert info.samplerate == 48000 and info.channels == 2 and info.format == fmt.upper()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the Load Params / Save Audio nodes in a workflow
+
+
+@pytest.fixture()
+def comfy_dirs(tmp_path, monkeypatch):
+    """A working folder with input/ holding the official file (nodes use ./input and ./output outside ComfyUI)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ACESTEP_MODELS_DIR", str(TINY))
+    monkeypatch.setenv("ACESTEP_LYRIC_VOCAB", str(VOCAB))
+    (tmp_path / "input").mkdir()
+    shutil.copy(OFFICIAL, tmp_path / "input" / OFFICIAL.name)
+    return tmp_path
+
+
+def test_load_params_node_outputs_the_file(comfy_dirs):
+    node = NODES["AceStepLoadParams"]
+    assert OFFICIAL.name in node.INPUT_TYPES()["required"]["params_file"][0]
+    assert node.VALIDATE_INPUTS(OFFICIAL.name) is True
+    assert "upload" in node.VALIDATE_INPUTS("missing.json")
+    assert "outside" in node.VALIDATE_INPUTS("../x.json")
+    out = dict(zip(node.RETURN_NAMES, node().load(OFFICIAL.name)))
+    official = json.loads(OFFICIAL.read_text(encoding="utf-8"))
+    assert out["tags"] == official["prompt"] and out["lyrics"] == official["lyrics"]
+    assert (out["seconds"], out["seed"], out["seeds"], out["steps"]) == (1.5, 1234567, "1234567", 2)
+    assert out["options"].guidance.use_erg_lyric is False and out["task"] == "text2music"
+    sampler = NODES["AceStepSampler"].INPUT_TYPES()["required"]
+    assert node.RETURN_TYPES[6] == sampler["scheduler"][0] and node.RETURN_TYPES[7] == sampler["cfg_type"][0]
+
+
+def test_app_params_workflow_remakes_the_song_and_saves_json_that_round_trips(comfy_dirs, monkeypatch):
+    import test_workflows
+    from test_workflows import API_DIR, Run
+
+    monkeypatch.setattr(test_workflows, "TINY_PROFILE", {})  # every setting from the file (already tiny-sized)
+    prompt = json.loads((API_DIR / "acestep_app_params.json").read_text())
+    prompt["2"]["inputs"].update(checkpoint="acestep-v1-tiny", device="cpu")
+    run = Run(prompt).run()
+    (paths,) = run.outputs["7"]
+    saved = Path(paths.splitlines()[0])
+    assert saved.suffix == ".wav" and saved.is_file()
+    record = params.read_params(params.params_path_for(saved))
+    official = json.loads(OFFICIAL.read_text(encoding="utf-8"))
+    for key in ("prompt", "lyrics", "infer_step", "actual_seeds", "use_erg_lyric", "guidance_scale", "cfg_type",
+                "scheduler_type", "omega_scale", "guidance_interval"):
+        assert record[key] == official[key], key
+    assert abs(record["audio_duration"] - official["audio_duration"]) < 0.1  # whole latent frames
+    # the song is the CLI's song for the same file (same seeds and settings)
+    cli_out = comfy_dirs / "cli.wav"
+    assert cli.main(["generate", "--params", str(OFFICIAL), "--out", str(cli_out), *TINY_ARGS]) == 0
+    graph_audio, _ = soundfile.read(str(saved), dtype="float32")
+    cli_audio, _ = soundfile.read(str(cli_out), dtype="float32")
+    n = min(len(graph_audio), len(cli_audio))
+    assert abs(graph_audio[:n] - cli_audio[:n]).max() < 1e-4
+    # and the saved file loads again through the node
+    shutil.copy(params.params_path_for(saved), comfy_dirs / "input" / "again_input_params.json")
+    loader = NODES["AceStepLoadParams"]
+    again = dict(zip(loader.RETURN_NAMES, loader().load("again_input_params.json")))
+    assert again["seed"] == 1234567 and again["tags"] == official["prompt"]
