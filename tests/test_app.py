@@ -301,3 +301,42 @@ def test_app_params_workflow_remakes_the_song_and_saves_json_that_round_trips(co
     loader = NODES["AceStepLoadParams"]
     again = dict(zip(loader.RETURN_NAMES, loader().load("again_input_params.json")))
     assert again["seed"] == 1234567 and again["tags"] == official["prompt"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the trainer takes every flag of the official trainer.py
+
+OFFICIAL_TRAINER_FLAGS = {  # flag -> a value of the official type (trainer.py, its argparse section)
+    "num_nodes": "1", "shift": "3.0", "learning_rate": "1e-4", "num_workers": "8", "epochs": "-1",
+    "max_steps": "2000000", "every_n_train_steps": "2000", "dataset_path": "./zh_lora_dataset",
+    "exp_name": "chinese_rap_lora", "precision": "32", "accumulate_grad_batches": "1", "devices": "1",
+    "logger_dir": "./exps/logs/", "ckpt_path": "run/ckpt", "checkpoint_dir": "ckpt", "gradient_clip_val": "0.5",
+    "gradient_clip_algorithm": "norm", "reload_dataloaders_every_n_epochs": "1", "every_plot_step": "2000",
+    "val_check_interval": "100", "lora_config_path": "config/lora.json",
+}
+# the official defaults that are not about hardware or files of the official repository
+OFFICIAL_TRAINER_DEFAULTS = {
+    "shift": 3.0, "learning_rate": 1e-4, "num_workers": 8, "epochs": -1, "max_steps": 2000000,
+    "every_n_train_steps": 2000, "exp_name": "chinese_rap_lora", "precision": "32", "accumulate_grad_batches": 1,
+    "logger_dir": "./exps/logs/", "ckpt_path": None, "gradient_clip_val": 0.5, "gradient_clip_algorithm": "norm",
+    "reload_dataloaders_every_n_epochs": 1, "every_plot_step": 2000, "val_check_interval": None,
+}
+
+
+def test_trainer_accepts_every_official_flag_with_official_defaults():
+    from acestep_core.train.__main__ import build_parser as train_parser
+    from acestep_core.train.__main__ import notes_for
+    from acestep_core.train.trainer import TrainConfig
+
+    argv = [part for flag, value in OFFICIAL_TRAINER_FLAGS.items() for part in (f"--{flag}", value)]
+    args = train_parser().parse_args(argv)
+    config = TrainConfig(**vars(args))
+    assert config.reload_dataloaders_every_n_epochs == 1 and config.val_check_interval == 100
+    defaults = train_parser().parse_args(["--dataset_path", "x"])
+    for flag, value in OFFICIAL_TRAINER_DEFAULTS.items():
+        assert getattr(defaults, flag) == value, flag
+    notes = notes_for(argv)
+    assert len(notes) == 1 and "--reload_dataloaders_every_n_epochs" in notes[0]
+    assert notes_for(["--dataset_path", "x"]) == []
+    with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs"):
+        TrainConfig(dataset_path="x", reload_dataloaders_every_n_epochs=-1)
