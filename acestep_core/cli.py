@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import cli_app
+from . import cli_app, cli_tasks
 from .loading import DEFAULT_REPO
 from .params import app_default
 from .sampling.denoiser import GuidanceConfig
@@ -42,7 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lyric-vocab", default=None, help="path of the lyric vocab.json (else found automatically)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="auto = bf16 on GPU, fp32 on CPU")
-    g.add_argument("--task", default="text2music", choices=["text2music", "retake", "repaint", "extend", "edit", "audio2audio"])
+    g.add_argument("--task", default="text2music", choices=["text2music", "retake", "repaint", "extend", "edit",
+                                                            "audio2audio", *cli_tasks.STEM_TASKS],
+                   help="stemgen / singing2accompaniment take --src-audio (the track or the vocal) and --stemgen; "
+                        "stemgen's --tags name the instrument")
     g.add_argument("--steps", type=int, default=60, help="sampling steps (27 is fast, 60 the official default)")
     g.add_argument("--scheduler", default="euler", choices=["euler", "heun", "pingpong"])
     g.add_argument("--cfg-type", default="apg", choices=["apg", "cfg", "cfg_star"])
@@ -79,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample-rate", type=int, default=app_default("sample_rate"), choices=[44100, 48000],
                    help="44100 = the model's rate, 48000 = what the official app saves")
     cli_app.add_arguments(g)
+    cli_tasks.add_arguments(g)
     return parser
 
 
@@ -119,7 +123,7 @@ def _progress(total_hint: str):
 def generate_command(args: argparse.Namespace) -> int:
     from .loading import load_acestep
     from .lora import ensure_loras, load_lora_file
-    from .pipeline import Request, generate
+    from .pipeline import Request
 
     setup = cli_app.prepare(args)
     device, dtype = _device_and_dtype(args.device, args.dtype)
@@ -157,7 +161,7 @@ def generate_command(args: argparse.Namespace) -> int:
     bar, callback = _progress(args.task)
     t1 = time.perf_counter()
     try:
-        result = generate(model, request, callback=callback)
+        result = cli_tasks.generate(model, request, args, callback=callback)
     finally:
         if bar is not None:
             bar.close()
@@ -166,6 +170,8 @@ def generate_command(args: argparse.Namespace) -> int:
     for path in cli_app.write_outputs(args, setup, request, result.waveform, result.sample_rate,
                                       {"preprocess": 0.0, "diffusion": elapsed, "latent2audio": 0.0}):
         print(f"wrote {path} ({seconds:.1f} s at {result.sample_rate} Hz)")
+    for path in cli_tasks.write_extras(args, result, setup.paths):
+        print(f"wrote {path}")
     print(f"generated {seconds * result.waveform.shape[0]:.1f} s of audio in {elapsed:.1f} s "
           f"(RTF {seconds * result.waveform.shape[0] / elapsed:.1f}x)")
     return 0

@@ -115,9 +115,12 @@ class Setup:
 
         self.tags = _text(args.tags)
         self.lyrics = _text(args.lyrics)
+        from .cli_tasks import MAX_LONG_SECONDS, check
+
+        check(args)
         self.duration = float(args.duration)
         if args.task in ("text2music", "retake"):
-            self.duration = app.resolve_duration(args.duration)
+            self.duration = app.resolve_duration(args.duration, maximum=MAX_LONG_SECONDS)
             if args.duration == -1:
                 print(f"random duration: {self.duration:.2f} s (--duration -1, as the app)")
         elif args.src_audio or args.ref_audio:  # the app records the source's length

@@ -159,7 +159,7 @@ _BOOLS = ("use_erg_tag", "use_erg_lyric", "use_erg_diffusion", "audio2audio_enab
 _STRINGS = ("prompt", "lyrics", "scheduler_type", "cfg_type", "task", "format", "lora_name_or_path",
             "edit_target_prompt", "edit_target_lyrics", "src_audio_path", "ref_audio_input", "source_prompt",
             "source_lyrics", "audio_path")
-TASKS = ("text2music", "retake", "repaint", "extend", "edit", "audio2audio")
+TASKS = ("text2music", "retake", "repaint", "extend", "edit", "audio2audio", "stemgen", "singing2accompaniment")
 
 
 def params_path_for(audio_path: str | Path) -> Path:

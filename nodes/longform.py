@@ -7,12 +7,13 @@ from ..acestep_core import longform, tasks
 from ..acestep_core.lyric_timing import to_lrc
 from ..acestep_core.noise import MAX_SEED, SeededNoise
 from ..acestep_core.sampling.denoiser import CFG_TYPES, GuidanceConfig
+from ..acestep_core.params import app_default
 from . import bridge, wire
 from .model import ModelHandle, model_for, transformer_for
 from .wire import CATEGORY, COND, MODEL, OPTIONS
 
-GUIDANCE = GuidanceConfig()
-DEFAULTS = tasks.SamplerOptions()
+GUIDANCE = GuidanceConfig(use_erg_lyric=app_default("use_erg_lyric"))  # the official app's UI value
+DEFAULTS = tasks.SamplerOptions(guidance=GUIDANCE)
 OUTPUT_RATES = ("44100", "48000")
 MAX_LONG_SECONDS = 3600.0
 
@@ -78,8 +79,9 @@ class AceStepLongForm:
                     "tooltip": "Granularity scale of the first window's Euler/Heun steps (official 10).",
                 }),
                 "sample_rate": (list(OUTPUT_RATES), {
-                    "default": "44100",
-                    "tooltip": "Output rate: 44100 (the model's) or 48000 (resampled once at the end).",
+                    "default": str(app_default("sample_rate")),
+                    "tooltip": "Output rate: 48000 (resampled once at the end, as the official app saves) or "
+                               "44100 (the model's).",
                 }),
             },
             "optional": {

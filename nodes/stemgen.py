@@ -17,6 +17,7 @@ from ..acestep_core import tasks
 from ..acestep_core.conditioning import encode_conditioning
 from ..acestep_core.noise import MAX_SEED, SeededNoise
 from ..acestep_core.sampling.denoiser import CFG_TYPES, GuidanceConfig
+from ..acestep_core.params import app_default
 from ..acestep_core.stemgen.control import StemGenControl
 from ..acestep_core.stemgen.generate import encode_reference, generate_latent, instrument_timbre, mix_with_reference
 from ..acestep_core.stemgen.weights import StemGenWeights, is_stemgen_file, load_stemgen
@@ -25,8 +26,8 @@ from .model import LoraEntry, ModelHandle, model_for, transformer_for
 from .wire import CATEGORY, MODEL, OPTIONS
 
 STEMGEN = "ACESTEP_STEMGEN"
-GUIDANCE = GuidanceConfig()
-DEFAULTS = tasks.SamplerOptions()
+GUIDANCE = GuidanceConfig(use_erg_lyric=app_default("use_erg_lyric"))  # the official app's UI value
+DEFAULTS = tasks.SamplerOptions(guidance=GUIDANCE)
 OUTPUT_RATES = ("44100", "48000")
 NO_WEIGHTS = (
     "No pretrained StemGen weights exist yet: train a file with python -m acestep_core.stemgen.train "
@@ -104,7 +105,7 @@ def _sampling_inputs() -> dict:
             "default": 1.0, "min": -3.0, "max": 3.0, "step": 0.01,
             "tooltip": "Strength of the LoRA stored in the StemGen file (1 = as trained; 0 = off).",
         }),
-        "sample_rate": (list(OUTPUT_RATES), {"default": "44100",
+        "sample_rate": (list(OUTPUT_RATES), {"default": str(app_default("sample_rate")),
                                              "tooltip": "Output rate: 44100 (the vocoder's) or 48000 (official app)."}),
     }
 
