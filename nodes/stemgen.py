@@ -29,6 +29,7 @@ STEMGEN = "ACESTEP_STEMGEN"
 GUIDANCE = GuidanceConfig(use_erg_lyric=app_default("use_erg_lyric"))  # the official app's UI value
 DEFAULTS = tasks.SamplerOptions(guidance=GUIDANCE)
 OUTPUT_RATES = ("44100", "48000")
+NO_FILE = "(no StemGen file yet: see docs/stemgen.md)"  # the list's only entry until one is trained
 NO_WEIGHTS = (
     "No pretrained StemGen weights exist yet: train a file with python -m acestep_core.stemgen.train "
     "(docs/stemgen.md) and put it in models/loras."
@@ -172,12 +173,22 @@ class AceStepStemGenLoader:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "control_name": (sorted(stemgen_files()), {
+                "control_name": (sorted(stemgen_files()) or [NO_FILE], {
                     "tooltip": "A .safetensors file written by python -m acestep_core.stemgen.train (it carries an "
                                "acestep_stemgen header). " + NO_WEIGHTS,
                 }),
             },
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, control_name):
+        listing = stemgen_files()
+        if control_name in listing:
+            return True
+        if not listing:
+            return f"no StemGen file in models/loras or models/ace_step. {NO_WEIGHTS}"
+        return (f"control_name {control_name!r} is not in models/loras or models/ace_step (found: "
+                f"{', '.join(sorted(listing))}); pick one, or train it: {NO_WEIGHTS}")
 
     def load(self, control_name: str):
         path = files.resolve("control_name", control_name, stemgen_files())

@@ -421,3 +421,56 @@ def test_cli_stemgen_matches_the_core_generation(tmp_path, monkeypatch, capsys):
            str(tmp_path / "ref.wav"), "--tags", "pop", "--steps", "2", "--out", str(tmp_path / "acc.wav"), *TINY_ARGS]
     assert cli.main(s2a) == 2
     assert "trained for stemgen" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ComfyUI polish
+
+
+def test_web_extensions_are_registered_once():
+    """ComfyUI registers web/ once per way it is named (nodes.py, load_custom_node: pyproject's [tool.comfy] web,
+    then WEB_DIRECTORY); two ways load every extension twice."""
+    import tomllib
+
+    from conftest import REPO
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "web" not in project["tool"]["comfy"]
+    assert (REPO / pack.WEB_DIRECTORY).resolve() == REPO / "web"
+
+
+def test_checkpoint_validation_reports_once(tmp_path, monkeypatch):
+    """ComfyUI repeats a custom validation message once per argument of VALIDATE_INPUTS (execution.py)."""
+    import inspect
+
+    validate = NODES["AceStepLoader"].VALIDATE_INPUTS
+    assert list(inspect.signature(validate).parameters) == ["checkpoint"]
+    monkeypatch.setenv("ACESTEP_MODELS_DIR", str(TINY))
+    message = validate("not-a-checkpoint")
+    assert isinstance(message, str) and message.count("not-a-checkpoint") == 1 and "repo_id" in message
+    assert validate("acestep-v1-tiny") is True
+    monkeypatch.setenv("ACESTEP_MODELS_DIR", str(tmp_path))  # nothing installed: repo_id decides at run time
+    monkeypatch.chdir(tmp_path)
+    assert validate("ace_step_v1_3.5b.safetensors") is True
+
+
+def test_stemgen_loader_says_when_no_file_exists(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACESTEP_MODELS_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    loader = NODES["AceStepStemGenLoader"]
+    names = loader.INPUT_TYPES()["required"]["control_name"][0]
+    assert len(names) == 1 and "docs/stemgen.md" in names[0]
+    message = loader.VALIDATE_INPUTS(names[0])
+    assert isinstance(message, str) and "no StemGen file" in message and "stemgen.train" in message
+    assert "stemgen.train" in loader.VALIDATE_INPUTS("acestep-stemgen.safetensors")
+
+
+@pytest.mark.parametrize("name", ["acestep_stemgen", "acestep_singing2accompaniment"])
+def test_stemgen_examples_explain_the_file_they_need(name):
+    from test_workflows import UI_DIR
+
+    notes = [n["widgets_values"][0] for n in json.loads((UI_DIR / f"{name}.json").read_text())["nodes"]
+             if n["type"] in ("MarkdownNote", "Note")]
+    text = "\n".join(notes)
+    assert "python -m acestep_core.stemgen.train" in text and "models/loras" in text
+    assert "labels.json" in text and "stems/" in text
