@@ -474,3 +474,30 @@ def test_stemgen_examples_explain_the_file_they_need(name):
     text = "\n".join(notes)
     assert "python -m acestep_core.stemgen.train" in text and "models/loras" in text
     assert "labels.json" in text and "stems/" in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA recipes (docs/lora-recipes.md)
+
+REAL_TRANSFORMER_KEYS = DATA / "real-keys"
+
+
+@pytest.mark.parametrize("recipe", ["lyric2vocal", "text2samples"])
+def test_lora_recipe_config_targets_real_modules(recipe):
+    from conftest import REPO
+
+    from acestep_core.loading import load_acestep
+    from acestep_core.train.lora_layers import LoraSpec, inject_lora
+
+    spec = LoraSpec.from_json(REPO / "config" / f"{recipe}_lora_config.json")
+    model = load_acestep(TINY_FOLDER, lyric_vocab=VOCAB)
+    injected = inject_lora(model.transformer, spec)
+    for target in spec.target_modules:
+        assert any(name == target or name.endswith("." + target) for name in injected), f"{target} matches nothing"
+    # the same names exist in the real 3.5B checkpoint's key list
+    keys = "\n".join(p.read_text() for p in REAL_TRANSFORMER_KEYS.rglob("*") if p.is_file() and p.suffix in
+                     (".txt", ".json"))
+    for target in spec.target_modules:
+        assert f".{target}.weight" in keys, f"{target} is not a module of the real transformer"
+    doc = (REPO / "docs" / "lora-recipes.md").read_text()
+    assert f"config/{recipe}_lora_config.json" in doc and f"example_workflows/acestep_{recipe}.json" in doc
