@@ -467,9 +467,9 @@ def test_stemgen_loader_says_when_no_file_exists(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["acestep_stemgen", "acestep_singing2accompaniment"])
 def test_stemgen_examples_explain_the_file_they_need(name):
-    from test_workflows import UI_DIR
+    from test_workflows import UI_DIR, load
 
-    notes = [n["widgets_values"][0] for n in json.loads((UI_DIR / f"{name}.json").read_text())["nodes"]
+    notes = [n["widgets_values"][0] for n in load(UI_DIR, name)["nodes"]
              if n["type"] in ("MarkdownNote", "Note")]
     text = "\n".join(notes)
     assert "python -m acestep_core.stemgen.train" in text and "models/loras" in text
@@ -500,4 +500,7 @@ def test_lora_recipe_config_targets_real_modules(recipe):
     for target in spec.target_modules:
         assert f".{target}.weight" in keys, f"{target} is not a module of the real transformer"
     doc = (REPO / "docs" / "lora-recipes.md").read_text()
-    assert f"config/{recipe}_lora_config.json" in doc and f"example_workflows/acestep_{recipe}.json" in doc
+    from test_workflows import UI_FILES
+
+    assert f"config/{recipe}_lora_config.json" in doc
+    assert f"example_workflows/{UI_FILES['acestep_' + recipe].name}" in doc
