@@ -504,3 +504,29 @@ def test_lora_recipe_config_targets_real_modules(recipe):
 
     assert f"config/{recipe}_lora_config.json" in doc
     assert f"example_workflows/{UI_FILES['acestep_' + recipe].name}" in doc
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a baseline/progressive JPEG's SOF marker."""
+    assert data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9", "not a complete JPEG"
+    i = 2
+    while i < len(data):
+        marker, length = data[i + 1], int.from_bytes(data[i + 2:i + 4], "big")
+        if marker in (0xC0, 0xC1, 0xC2):
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        i += 2 + length
+    raise AssertionError("no SOF marker")
+
+
+def test_every_example_has_a_thumbnail_of_its_name():
+    """ComfyUI's template browser shows example_workflows/<name>.json titled <name> with <name>.jpg as thumbnail
+    (the frontend asks custom-node templates for jpg); tests/js/thumbnails.mjs draws them."""
+    from test_workflows import UI_DIR
+
+    examples = sorted(UI_DIR.glob("*.json"))
+    assert examples
+    for example in examples:
+        thumbnail = example.with_suffix(".jpg")
+        assert thumbnail.is_file(), f"{example.name} has no {thumbnail.name}"
+        assert _jpeg_size(thumbnail.read_bytes()) == (640, 400)
+    assert sorted(p.stem for p in UI_DIR.glob("*.jpg")) == [p.stem for p in examples]
