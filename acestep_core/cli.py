@@ -134,7 +134,7 @@ def generate_command(args: argparse.Namespace) -> int:
     for spec in args.lora:
         path, _, strength = spec.rpartition(":") if spec.rpartition(":")[2].replace(".", "", 1).lstrip("-").isdigit() \
             else (spec, "", "1")
-        loras.append((load_lora_file(path), float(strength)))
+        loras.append((load_lora_file(cli_app.lora_path(path, args.models_dir)), float(strength)))
     ensure_loras(model.transformer, loras)
     print(f"loaded {model.source} ({model.layout}, {dtype}, {device}) in {time.perf_counter() - t0:.1f} s")
     src, src_rate = _read_audio(args.src_audio)

@@ -56,6 +56,8 @@ def defaults_from_params(path: str) -> tuple[dict, dict]:
     d["erg_lyric"] = bool(args.get("use_erg_lyric", True))
     d["no_erg_diffusion"] = not args.get("use_erg_diffusion", True)
     d["edit_type"] = "custom"
+    if data.get("format") in app.AUDIO_FORMATS:
+        d["out"] = f"song.{data['format']}"  # the app's format unless --out says otherwise
     if data.get("src_audio_path"):
         d["src_audio"] = app.find_audio(data["src_audio_path"], path)
     if data.get("ref_audio_input") and d.get("task") == "audio2audio":
@@ -78,6 +80,24 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
     if args.command == "generate" and args.tags is None:
         parser.error("generate needs --tags (or --params FILE)")
     return args
+
+
+def lora_path(spec: str, models_dir: str) -> str:
+    """A --lora file or folder as given; a Hugging Face repo id (the app's LoRA names, e.g.
+    ACE-Step/ACE-Step-v1-chinese-rap-LoRA) is downloaded once into <models-dir>/loras/<name>."""
+    import re
+
+    if Path(spec).exists() or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", spec):
+        return spec
+    target = Path(models_dir) / "loras" / spec.split("/")[-1]
+    if (target / "pytorch_lora_weights.safetensors").is_file():
+        return str(target)
+    import huggingface_hub
+
+    print(f"downloading the LoRA {spec} into {target}")
+    huggingface_hub.snapshot_download(spec, local_dir=str(target),
+                                      allow_patterns=["pytorch_lora_weights.safetensors", "*.json"])
+    return str(target)
 
 
 def seed_list(text: str | None, name: str) -> list[int] | None:

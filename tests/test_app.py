@@ -530,3 +530,28 @@ def test_every_example_has_a_thumbnail_of_its_name():
         assert thumbnail.is_file(), f"{example.name} has no {thumbnail.name}"
         assert _jpeg_size(thumbnail.read_bytes()) == (640, 400)
     assert sorted(p.stem for p in UI_DIR.glob("*.jpg")) == [p.stem for p in examples]
+
+
+def test_cli_lora_repo_id_is_downloaded_once(tmp_path, monkeypatch):
+    """The app's LoRA names are Hugging Face repo ids; a parameter file carrying one must still run."""
+    import huggingface_hub
+
+    from acestep_core import cli_app
+
+    calls = []
+
+    def fake_download(repo_id, local_dir, allow_patterns):
+        calls.append((repo_id, allow_patterns))
+        shutil.copytree(TINY / "acestep-v1-tiny-lora", local_dir, dirs_exist_ok=True)
+        return local_dir
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    repo = "ACE-Step/ACE-Step-v1-chinese-rap-LoRA"
+    first = cli_app.lora_path(repo, str(tmp_path))
+    again = cli_app.lora_path(repo, str(tmp_path))
+    assert first == again == str(tmp_path / "loras" / "ACE-Step-v1-chinese-rap-LoRA") and len(calls) == 1
+    assert "pytorch_lora_weights.safetensors" in calls[0][1]
+    local = str(TINY / "acestep-v1-tiny-lora")
+    assert cli_app.lora_path(local, str(tmp_path)) == local
+    args = cli.cli_app.parse(cli.build_parser(), ["generate", "--params", str(OFFICIAL)])
+    assert args.out == "song.wav" and args.lora == []
