@@ -555,3 +555,18 @@ def test_cli_lora_repo_id_is_downloaded_once(tmp_path, monkeypatch):
     assert cli_app.lora_path(local, str(tmp_path)) == local
     args = cli.cli_app.parse(cli.build_parser(), ["generate", "--params", str(OFFICIAL)])
     assert args.out == "song.wav" and args.lora == []
+
+
+def test_params_source_audio_is_found_as_written_or_beside_the_file(tmp_path):
+    from acestep_core import cli_app
+
+    data = json.loads(OFFICIAL.read_text(encoding="utf-8"))
+    data.update(task="repaint", src_audio_path="./outputs/source.wav", repaint_start=0.5, repaint_end=1.0)
+    path = tmp_path / "r_input_params.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(FileNotFoundError, match="neither there nor beside the file"):
+        cli_app.defaults_from_params(str(path))
+    soundfile.write(str(tmp_path / "source.wav"), torch.zeros(4800, 2).numpy(), 48000)
+    defaults, _ = cli_app.defaults_from_params(str(path))
+    assert defaults["src_audio"] == str(tmp_path / "source.wav") and defaults["task"] == "repaint"
+    assert (defaults["repaint_start"], defaults["repaint_end"]) == (0.5, 1.0)
