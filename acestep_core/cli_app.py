@@ -7,6 +7,7 @@ with the official keys (acestep_core.params).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from . import params as app
@@ -73,7 +74,10 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
     args = parser.parse_args(argv)
     if getattr(args, "params", None):
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
-        defaults, _ = defaults_from_params(args.params)
+        defaults, data = defaults_from_params(args.params)
+        if data.get("task") == "edit" and data.get("source_prompt") is None:
+            print("note: the official app's edit file keeps only the target tags and lyrics; they stand in for the "
+                  "source's too (give the source's with --tags / --lyrics)", file=sys.stderr)
         sub.set_defaults(**defaults)
         args = parser.parse_args(argv)
         args.from_params = True

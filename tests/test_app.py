@@ -570,3 +570,15 @@ def test_params_source_audio_is_found_as_written_or_beside_the_file(tmp_path):
     defaults, _ = cli_app.defaults_from_params(str(path))
     assert defaults["src_audio"] == str(tmp_path / "source.wav") and defaults["task"] == "repaint"
     assert (defaults["repaint_start"], defaults["repaint_end"]) == (0.5, 1.0)
+
+
+def test_official_edit_file_notes_that_the_source_texts_are_gone(tmp_path, capsys):
+    data = json.loads(OFFICIAL.read_text(encoding="utf-8"))
+    data.update(task="edit", edit_target_prompt=data["prompt"], edit_target_lyrics="[verse]\nnew words")
+    data["lyrics"] = data["edit_target_lyrics"]  # the official file writes the target's texts here
+    path = tmp_path / "e_input_params.json"
+    path.write_text(json.dumps(data))
+    args = cli.cli_app.parse(cli.build_parser(), ["generate", "--params", str(path), "--lyrics", "[verse]\nold"])
+    assert "keeps only the target" in capsys.readouterr().err
+    setup = cli.cli_app.prepare(args)
+    assert (setup.lyrics, setup.edit_lyrics) == ("[verse]\nold", "[verse]\nnew words")
