@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m acestep_core", description="ACE-Step v1 music generation")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="make a song (or edit one) and write it to a file")
-    g.add_argument("--tags", default=None, help="style description, e.g. 'pop, piano, female vocal, 100 bpm' (or @file)")
+    g.add_argument("--tags", default=None,
+                   help="style description, e.g. 'pop, piano, female vocal, 100 bpm' (or @file); stemgen: the instrument")
     g.add_argument("--lyrics", default="", help="lyrics with [verse]/[chorus] tags; empty = instrumental (or @file)")
     g.add_argument("--duration", type=float, default=app_default("audio_duration"),
                    help="seconds of music; -1 (the app's default) = random 30-240 s")
@@ -66,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--retake-seed", default=None, help="retake / repaint / extend / edit seed(s), as --seed")
     g.add_argument("--batch-size", type=int, default=1)
     g.add_argument("--variance", type=float, default=None,
-                   help="retake / repaint / extend variance (0..1); default the app's: retake and repaint 0.2, extend 1.0")
+                   help="retake / repaint / extend variance (0..1); default the app's: retake and repaint 0.2, "
+                        "extend 1.0")
     g.add_argument("--src-audio", default=None, help="source audio for repaint / extend / edit")
     g.add_argument("--ref-audio", default=None, help="reference audio for audio2audio")
     g.add_argument("--ref-strength", type=float, default=0.5)

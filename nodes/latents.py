@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ..acestep_core.tasks import LATENT_CHANNELS, LATENT_HEIGHT
 from ..acestep_core.params import resolve_duration
+from ..acestep_core.tasks import LATENT_CHANNELS, LATENT_HEIGHT
 from . import wire
 from .wire import CATEGORY, MAX_SECONDS
 
