@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-erg-diffusion", action="store_true")
     g.add_argument("--oss-steps", default="", help="custom step list, e.g. '16,29,52,...' (euler/pingpong)")
     g.add_argument("--seed", default=None,
-                   help="seed, or one per batch item as the app's manual seeds ('1,2,3,4'); one seed gives item i "
-                        "seed+i; random when omitted")
+                   help="seed, or one per batch item as the app's manual seeds ('1,2,3,4', which alone sets "
+                        "--batch-size); one seed gives item i seed+i; random when omitted")
     g.add_argument("--retake-seed", default=None, help="retake / repaint / extend / edit seed(s), as --seed")
     g.add_argument("--batch-size", type=int, default=1)
     g.add_argument("--variance", type=float, default=None,

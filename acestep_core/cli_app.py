@@ -156,8 +156,11 @@ class Setup:
         self.edit_tags, self.edit_lyrics = app.edit_texts(self.tags, self.lyrics, _text(args.edit_tags),
                                                           _text(args.edit_lyrics))
         self.edit_n_min, self.edit_n_max = app.edit_range(args.edit_type, args.edit_n_min, args.edit_n_max)
+        listed = seed_list(args.seed, "--seed")
+        if listed and len(listed) > 1 and int(args.batch_size) == 1:
+            args.batch_size = len(listed)  # '1,2,3,4' makes four songs, one per seed
         batch = int(args.batch_size)
-        self.seeds = batch_seeds(seed_list(args.seed, "--seed"), batch, "--seed")
+        self.seeds = batch_seeds(listed, batch, "--seed")
         self.retake_seeds = batch_seeds(seed_list(args.retake_seed, "--retake-seed"), batch, "--retake-seed")
         self.paths = output_paths(args.out, batch)
 

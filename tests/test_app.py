@@ -148,6 +148,8 @@ def test_seed_lists_as_the_app_manual_seeds():
     setup = cli.cli_app.prepare(_parse("--seed", "1,2,3,4", "--batch-size", "4"))
     assert setup.seeds == [1, 2, 3, 4]
     assert cli.cli_app.prepare(_parse("--seed", "9", "--batch-size", "2")).seeds == [9, 10]
+    args = _parse("--seed", "5,6,7")  # a list alone sets the batch size
+    assert cli.cli_app.prepare(args).seeds == [5, 6, 7] and args.batch_size == 3
 
 
 def test_empty_latent_minus_one_is_a_random_length():
