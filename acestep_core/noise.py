@@ -123,15 +123,20 @@ def noise_for_seed(
     *,
     retake_seed: int | None = None,
     offsets: Sequence[int] | None = None,
+    manual_seeds: Sequence[int] | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> SeededNoise:
     """The one rule from a node's seed to its noise (module docstring): manual stream `seed + i`, retake stream
-    `retake_seed + i` (`seed + 1 + i` when the node has no retake seed); `offsets` replace i (batch indices)."""
+    `retake_seed + i` (`seed + 1 + i` when the node has no retake seed); `offsets` replace i (batch indices);
+    `manual_seeds`, one per item (the app's manual seed list), replace the manual stream's seeds."""
     if offsets is None or len(offsets) != batch:
         offsets = range(batch)
     retake = int(seed) + 1 if retake_seed is None else int(retake_seed)
-    return SeededNoise(item_seeds(seed, offsets), item_seeds(retake, offsets), device, dtype)
+    manual = item_seeds(seed, offsets) if manual_seeds is None else [int(s) for s in manual_seeds]
+    if len(manual) != batch:
+        raise ValueError(f"seeds lists {len(manual)} seeds for a batch of {batch}; give one seed per item")
+    return SeededNoise(manual, item_seeds(retake, offsets), device, dtype)
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..acestep_core import audio as codec
+from ..acestep_core.params import app_default
 from . import bridge, wire
 from .model import ModelHandle, model_for
 from .wire import CATEGORY, MODEL
@@ -58,8 +59,9 @@ class AceStepDecode:
                 "model": (MODEL, {"tooltip": "ACE-Step model (its audio decoder and vocoder are used)."}),
                 "latent": ("LATENT", {"tooltip": "Latent from the ACE-Step Sampler, Flow Edit or Encode Audio."}),
                 "sample_rate": (list(OUTPUT_RATES), {
-                    "default": "44100",
-                    "tooltip": "Output rate: 44100 (the vocoder's rate) or 48000 (resampled, as the official app).",
+                    "default": str(app_default("sample_rate")),
+                    "tooltip": "Output rate: 48000 (resampled, what the official app saves) or 44100 (the "
+                               "vocoder's own rate).",
                 }),
             },
         }
@@ -78,4 +80,7 @@ class AceStepDecode:
                 "decoded audio contains NaN or infinite samples (the latent is out of range); try dtype fp32 on the "
                 "loader or fewer extreme settings"
             )
-        return ({"waveform": waveform, "sample_rate": int(sample_rate)},)
+        audio = {"waveform": waveform, "sample_rate": int(sample_rate)}
+        if isinstance(latent.get("acestep_params"), list):  # the sampler's settings, for ACE-Step Save Audio
+            audio["acestep_params"] = latent["acestep_params"]
+        return (audio,)

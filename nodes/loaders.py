@@ -63,10 +63,15 @@ class AceStepLoader:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, checkpoint, repo_id=""):
-        if (repo_id or "").strip() or checkpoint in files.checkpoints():
+    def VALIDATE_INPUTS(cls, checkpoint):
+        # One argument: ComfyUI repeats a failed check's message once per argument it passed (execution.py,
+        # validate_inputs). With no checkpoint installed at all the value is free: load() downloads repo_id or
+        # says what is missing.
+        listing = files.checkpoints()
+        if checkpoint in listing or not listing:
             return True
-        return f"checkpoint {checkpoint!r} is not in models/ace_step or models/checkpoints; pick one or set repo_id"
+        return (f"checkpoint {checkpoint!r} is not in models/ace_step or models/checkpoints; pick a listed one "
+                "(with repo_id set, any listed value will do: the download is used instead)")
 
     def load(self, checkpoint: str, dtype: str, device: str, repo_id: str = ""):
         target = choose_device(device)

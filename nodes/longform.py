@@ -4,12 +4,12 @@ from __future__ import annotations
 import torch
 
 from ..acestep_core import longform, tasks
+from ..acestep_core.params import app_default
 from . import bridge, wire
-from .sampling import sampler_widgets
+from .sampling import DEFAULTS, sampler_widgets
 from .model import ModelHandle, model_for, transformer_for
 from .wire import CATEGORY, COND, MODEL, OPTIONS
 
-DEFAULTS = tasks.SamplerOptions()
 OUTPUT_RATES = ("44100", "48000")
 MAX_LONG_SECONDS = 3600.0
 
@@ -61,8 +61,9 @@ class AceStepLongForm:
                     omega_scale="Granularity scale of the first window's Euler/Heun steps (official 10).",
                 ),
                 "sample_rate": (list(OUTPUT_RATES), {
-                    "default": "44100",
-                    "tooltip": "Output rate: 44100 (the model's) or 48000 (resampled once at the end).",
+                    "default": str(app_default("sample_rate")),
+                    "tooltip": "Output rate: 48000 (resampled once at the end, as the official app saves) or "
+                               "44100 (the model's).",
                 }),
             },
             "optional": {

@@ -7,14 +7,17 @@ import torch
 
 from ..acestep_core import tasks
 from ..acestep_core.noise import MAX_SEED
+from ..acestep_core.params import EDIT_TYPES, app_default, edit_range
 from ..acestep_core.sampling.denoiser import CFG_TYPES, GuidanceConfig
 from ..acestep_core.validation import MemorySettings, call_explaining_oom
 from . import bridge, timing, wire
+from . import params as app_nodes
 from .model import ModelHandle, transformer_for
 from .wire import CATEGORY, COND, MODEL, OPTIONS
 
-GUIDANCE = GuidanceConfig()
-DEFAULTS = tasks.SamplerOptions()
+# the official app's UI values where they differ from the pipeline's (acestep_core.params.APP_DEFAULTS)
+GUIDANCE = GuidanceConfig(use_erg_lyric=app_default("use_erg_lyric"))
+DEFAULTS = tasks.SamplerOptions(guidance=GUIDANCE)
 EDIT_SCHEDULERS = ("euler", "pingpong")
 
 
@@ -86,12 +89,17 @@ class AceStepSampler:
                     "tooltip": "Collect the lyric cross-attention while sampling, for ACE-Step Lyric Timing (the "
                                "song is unchanged; needs compile off).",
                 }),
+                "seeds": ("STRING", {
+                    "default": "",
+                    "tooltip": "One seed per batch item, as the official app's manual seeds ('1,2,3,4'; a shorter "
+                               "list repeats its last seed); empty = seed + i.",
+                }),
             },
         }
 
     def sample(self, model: ModelHandle, conditioning, latent: dict, seed: int, steps: int, scheduler: str,
                cfg_type: str, guidance_scale: float, omega_scale: float, options=None,
-               retake_variance: float = 0.0, retake_seed: int = 0, collect_lyric_timing: bool = False):
+               retake_variance: float = 0.0, retake_seed: int = 0, collect_lyric_timing: bool = False, seeds: str = ""):
         source = wire.samples_of(latent, "latent")
         cond = wire.check_conditioning(conditioning, "conditioning")
         mark = wire.mark_of(latent) or {"task": "text2music", "retake_variance": float(retake_variance)}
@@ -108,7 +116,8 @@ class AceStepSampler:
             guidance_scale=guidance_scale, omega_scale=omega_scale,
         )
         transformer = transformer_for(model)
-        noise = wire.noise_for(transformer, seed, source.shape[0], retake_seed=retake_seed, latent=latent)
+        noise = wire.noise_for(transformer, seed, source.shape[0], retake_seed=retake_seed, latent=latent,
+                               seeds=app_nodes.listed_seeds(seeds, source.shape[0]))
         progress = bridge.Progress(steps)
         frames = source.shape[-1] + int(mark.get("left_frames", 0)) + int(mark.get("right_frames", 0))
         memory = _memory_settings("sampling", transformer, frames, source.shape[0], settings.speed.batch_branches)
@@ -119,6 +128,8 @@ class AceStepSampler:
                                                       functools.partial(call_explaining_oom, run, memory))
         drop = (("noise_mask",) if out.shape[-1] != source.shape[-1] else ()) + (timing.TIMING_KEY,)
         result = wire.with_samples(latent, out, drop=drop)
+        result[app_nodes.PARAMS_KEY] = app_nodes.sampler_record(cond, source, settings, noise.seeds,
+                                                                noise.retake_seeds, mark, retake_variance)
         if collected is not None:
             result[timing.TIMING_KEY] = collected
         return (result,)
@@ -171,7 +182,7 @@ class AceStepSamplerOptions:
                 }),
                 "use_erg_lyric": ("BOOLEAN", {
                     "default": g.use_erg_lyric,
-                    "tooltip": "ERG on the lyrics (pipeline default on; the official UI turns it off).",
+                    "tooltip": "ERG on the lyrics (off as the official app's UI; the pipeline's default is on).",
                 }),
                 "use_erg_diffusion": ("BOOLEAN", {
                     "default": g.use_erg_diffusion,
@@ -267,13 +278,20 @@ class AceStepFlowEdit:
                     "tooltip": "Collect the target lyrics' cross-attention while editing, for ACE-Step Lyric "
                                "Timing (the result is unchanged; needs compile off).",
                 }),
+                "edit_type": (["custom", *EDIT_TYPES], {
+                    "default": "custom",
+                    "tooltip": "As the official app's Edit Type: only_lyrics sets n_min 0.6 / n_max 1.0 (same "
+                               "music, new words), remix 0.2 / 0.4 (melody and genre may change); custom uses the "
+                               "n_min / n_max widgets.",
+                }),
             },
         }
 
     def edit(self, model: ModelHandle, source_conditioning, target_conditioning, latent: dict, seed: int,
              steps: int, guidance_scale: float, scheduler: str, n_min: float, n_max: float, n_avg: int,
-             collect_lyric_timing: bool = False):
+             collect_lyric_timing: bool = False, edit_type: str = "custom"):
         source = wire.samples_of(latent, "latent")
+        n_min, n_max = edit_range(edit_type, n_min, n_max)
         src = wire.check_conditioning(source_conditioning, "source_conditioning")
         tgt = wire.check_conditioning(target_conditioning, "target_conditioning")
         if scheduler not in EDIT_SCHEDULERS:
@@ -291,6 +309,7 @@ class AceStepFlowEdit:
             out, collected = timing.sample_collecting(collect_lyric_timing, transformer, tgt,
                                                       functools.partial(call_explaining_oom, run, memory))
         result = wire.with_samples(latent, out, drop=(timing.TIMING_KEY,))
+        result[app_nodes.PARAMS_KEY] = app_nodes.edit_record(src, tgt, source, options, noise.retake_seeds, edit)
         if collected is not None:
             result[timing.TIMING_KEY] = collected
         return (result,)

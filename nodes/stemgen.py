@@ -13,17 +13,18 @@ from pathlib import Path
 import torch
 
 from ..acestep_core import tasks
+from ..acestep_core.params import app_default
 from ..acestep_core.stemgen.control import StemGenControl
 from ..acestep_core.stemgen.generate import generate_accompaniment, generate_stem
 from ..acestep_core.stemgen.weights import StemGenWeights, is_stemgen_file, load_stemgen
 from . import bridge, files, wire
-from .sampling import sampler_widgets
+from .sampling import DEFAULTS, sampler_widgets
 from .model import LoraEntry, ModelHandle, model_for, transformer_for
 from .wire import CATEGORY, MODEL, OPTIONS
 
 STEMGEN = "ACESTEP_STEMGEN"
-DEFAULTS = tasks.SamplerOptions()
 OUTPUT_RATES = ("44100", "48000")
+NO_FILE = "(no StemGen file yet: see docs/stemgen.md)"  # the list's only entry until one is trained
 NO_WEIGHTS = (
     "No pretrained StemGen weights exist yet: train a file with python -m acestep_core.stemgen.train "
     "(docs/stemgen.md) and put it in models/loras."
@@ -90,7 +91,7 @@ def _sampling_inputs() -> dict:
             "default": 1.0, "min": -3.0, "max": 3.0, "step": 0.01,
             "tooltip": "Strength of the LoRA stored in the StemGen file (1 = as trained; 0 = off).",
         }),
-        "sample_rate": (list(OUTPUT_RATES), {"default": "44100",
+        "sample_rate": (list(OUTPUT_RATES), {"default": str(app_default("sample_rate")),
                                              "tooltip": "Output rate: 44100 (the vocoder's) or 48000 (official app)."}),
     }
 
@@ -146,12 +147,22 @@ class AceStepStemGenLoader:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "control_name": (sorted(stemgen_files()), {
+                "control_name": (sorted(stemgen_files()) or [NO_FILE], {
                     "tooltip": "A .safetensors file written by python -m acestep_core.stemgen.train (it carries an "
                                "acestep_stemgen header). " + NO_WEIGHTS,
                 }),
             },
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, control_name):
+        listing = stemgen_files()
+        if control_name in listing:
+            return True
+        if not listing:
+            return f"no StemGen file in models/loras or models/ace_step. {NO_WEIGHTS}"
+        return (f"control_name {control_name!r} is not in models/loras or models/ace_step (found: "
+                f"{', '.join(sorted(listing))}); pick one, or train it: {NO_WEIGHTS}")
 
     def load(self, control_name: str):
         path = files.resolve("control_name", control_name, stemgen_files())

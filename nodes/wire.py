@@ -93,11 +93,13 @@ def seeds_for(seed: int, latent: dict, batch: int) -> list[int]:
     return item_seeds(seed, batch_offsets(latent, batch))
 
 
-def noise_for(transformer, seed: int, batch: int, *, retake_seed: int | None = None, latent: dict | None = None):
-    """The node seed rule (noise.noise_for_seed, docs/seeds.md) on the model's device, in its dtype."""
+def noise_for(transformer, seed: int, batch: int, *, retake_seed: int | None = None, latent: dict | None = None,
+              seeds: list[int] | None = None):
+    """The node seed rule (noise.noise_for_seed, docs/seeds.md) on the model's device, in its dtype; `seeds`, one
+    per item, replace the manual stream's seed + i (the app's manual seed list)."""
     p = next(transformer.parameters())
     return noise_for_seed(seed, batch, retake_seed=retake_seed, offsets=batch_offsets(latent or {}, batch),
-                          device=p.device, dtype=p.dtype)
+                          manual_seeds=seeds, device=p.device, dtype=p.dtype)
 
 
 def check_audio(audio: Any, name: str = "audio") -> tuple[torch.Tensor, int]:

@@ -56,7 +56,8 @@ REAL_PROFILE = {
     ("AceStepStemGen", "steps"): 2,
     ("AceStepSinging2Accompaniment", "steps"): 2,
 }
-AUDIO_OUTPUTS = ("SaveAudio", "PreviewAudio")
+AUDIO_OUTPUTS = ("SaveAudio", "PreviewAudio", "AceStepSaveAudio")
+APP_PARAMS = REPO / "tests" / "data" / "app"  # official parameter files, for ACE-Step Load Params
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 FULL_SCALE = 0.999
 
@@ -221,6 +222,8 @@ def prepare_base(base: Path) -> None:
     soundfile.write(str(base / "input" / SOURCE_FILE), source["waveform"][0].T.numpy(), source["sample_rate"])
     write_stemgen_files(base / "models" / "loras", TINY_FOLDER)
     install_probe(base / "custom_nodes")
+    for params_file in APP_PARAMS.glob("*_input_params.json"):
+        (base / "input" / params_file.name).write_bytes(params_file.read_bytes())
 
 
 @pytest.fixture(scope="module")
@@ -340,7 +343,12 @@ def frames_of(prompt: dict, ref: list) -> int:
     node = prompt[ref[0]]
     kind, inputs = node["class_type"], node["inputs"]
     if kind == "AceStepEmptyLatent":
-        return int(inputs["seconds"] * 44100 / SAMPLES_PER_FRAME)
+        seconds = inputs["seconds"]
+        if is_link(seconds):  # from ACE-Step Load Params: the file's audio_duration
+            assert prompt[seconds[0]]["class_type"] == "AceStepLoadParams" and seconds[1] == 2
+            name = prompt[seconds[0]]["inputs"]["params_file"]
+            seconds = json.loads((APP_PARAMS / name).read_text(encoding="utf-8"))["audio_duration"]
+        return int(seconds * 44100 / SAMPLES_PER_FRAME)
     if kind == "EmptyAceStepLatentAudio":
         return int(inputs["seconds"] * 44100 / 512 / 8)
     if kind == "AceStepEncode":

@@ -100,6 +100,7 @@ class TrainConfig:
     repa_trust_remote_code: bool = False
     log_every_n_steps: int = 10
     prepare_only: bool = False
+    reload_dataloaders_every_n_epochs: int = 1  # official flag; accepted, no effect here (train.__main__ notes it)
 
     def __post_init__(self) -> None:
         positive = ("max_steps", "accumulate_grad_batches", "batch_size", "prompt_shuffles", "plot_steps",
@@ -108,7 +109,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name} must be an integer >= 1, got {value!r}")
-        for name in ("num_workers", "warmup_steps", "every_n_train_steps", "every_plot_step"):
+        for name in ("num_workers", "warmup_steps", "every_n_train_steps", "every_plot_step",
+                     "reload_dataloaders_every_n_epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"--{name} must be an integer >= 0 (0 disables), got {value!r}")
