@@ -136,17 +136,14 @@ def generate(model, request, args: argparse.Namespace, callback=None) -> Outcome
     if not args.lrc:
         result = pipeline_generate(model, request, callback=callback)
         return Outcome(result.waveform, result.sample_rate)
-    from .conditioning import encode_conditioning
     from .lyric_timing import align_lyrics, collect_lyric_attention, to_lrc
 
     lyrics = request.edit_target_lyrics if request.task == "edit" else request.lyrics
-    tags = request.edit_target_prompt if request.task == "edit" else request.prompt
     if not lyrics.strip():
         raise ValueError("--lrc needs lyrics (an instrumental has no lyric timing)")
-    with torch.no_grad():
-        cond = encode_conditioning(model, tags, lyrics, erg_tag=request.guidance.use_erg_tag)
-    with collect_lyric_attention(model.transformer, cond) as collector:
-        result = pipeline_generate(model, request, callback=callback)
+    result = pipeline_generate(model, request, callback=callback,
+                               collect=lambda cond: collect_lyric_attention(model.transformer, cond))
+    collector = result.collected
     attention = collector.result()
     seconds = result.waveform.shape[-1] / result.sample_rate
     lrc = []

@@ -5,6 +5,7 @@ scripts: conditioning -> source/reference encode -> task -> decode (design §1, 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field, fields
 
@@ -76,6 +77,7 @@ class Result:
     waveform: Tensor | None  # [B, 2, N] float32 at sample_rate
     sample_rate: int
     conditioning: Conditioning
+    collected: object = None  # what `collect(...)` yielded (e.g. a lyric-attention collector), else None
 
 
 def _encode_source(model, waveform: Tensor | None, rate: int | None, what: str) -> Tensor:
@@ -95,8 +97,13 @@ def _song_seconds(r: Request) -> float:
     return seconds
 
 
-def generate(model, request: Request, *, noise: NoiseSource | None = None, callback=None, decode: bool = True) -> Result:
+def generate(model, request: Request, *, noise: NoiseSource | None = None, callback=None, decode: bool = True,
+             collect=None) -> Result:
     """Run one request on a loaded model (design §8). Without `noise`, the official seeded generators are used.
+
+    `collect(conditioning)`, when given, returns a context manager entered around the sampling with the
+    conditioning whose lyrics are sung (the edit target for edit), e.g. lyric_timing.collect_lyric_attention;
+    what it yields comes back as ``Result.collected``.
 
     Running out of memory raises torch.OutOfMemoryError naming the settings that would fit (validation module).
     """
@@ -130,18 +137,23 @@ def generate(model, request: Request, *, noise: NoiseSource | None = None, callb
             start, end = frames_at(r.repaint_start), frames_at(r.repaint_end)
             left, right = max(0, -start), max(0, end - src.shape[-1])
             return tasks.extend(transformer, cond, src, left, right, variance=r.retake_variance, **common)
-        target = encode_conditioning(model, r.edit_target_prompt, r.edit_target_lyrics, erg_tag=False)
         edit = tasks.EditOptions(r.edit_n_min, r.edit_n_max, r.edit_n_avg)
         return tasks.flow_edit(transformer, cond, target, src, edit=edit, **common)
 
+    target = None
+    if r.task == "edit":
+        target = encode_conditioning(model, r.edit_target_prompt, r.edit_target_lyrics, erg_tag=False)
+
     memory = MemorySettings("generating", _song_seconds(r), r.batch_size, model.dtype, model.device,
                             r.batch_branches)
+    context = collect(target if target is not None else cond) if collect is not None else contextlib.nullcontext()
     with torch.no_grad():
-        latents = call_explaining_oom(run_task, memory)
+        with context as collected:
+            latents = call_explaining_oom(run_task, memory)
         waveform = None
         if decode:
             waveform = audio_io.decode_latents(model.dcae, model.vocoder, latents, sample_rate=r.sample_rate).cpu()
-    return Result(latents, waveform, r.sample_rate, cond)
+    return Result(latents, waveform, r.sample_rate, cond, collected)
 
 
 GUIDANCE_ARGS = tuple(f.name for f in fields(GuidanceConfig))

@@ -408,7 +408,10 @@ def test_cli_stemgen_matches_the_core_generation(tmp_path, monkeypatch, capsys):
     mix, _ = soundfile.read(str(tmp_path / "bass_mix.wav"), dtype="float32")
     assert rate == 48000 and stem.shape == mix.shape
     # the same generation through the core calls the StemGen node makes, with the CLI's settings
-    options = tasks.SamplerOptions(steps=2, guidance=GuidanceConfig(use_erg_lyric=False), batch_branches=False)
+    from acestep_core.pipeline import Request
+
+    options = tasks.with_options(tasks.SamplerOptions(steps=2, guidance=GuidanceConfig(use_erg_lyric=False)),
+                                 batch_branches=Request().batch_branches)  # the CLI's default speed switch
     with torch.no_grad():
         weights = load_stemgen(file)
         cond = encode_conditioning(model, "bass", "", erg_tag=True)

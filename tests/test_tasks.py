@@ -150,8 +150,13 @@ def test_command_line_and_official_args_take_the_dataclass_defaults():
     args = build_parser().parse_args(["generate", "--tags", "rock"])
     d = Request()
     assert d.batch_branches is tasks.SamplerOptions().speed.batch_branches is True  # the nodes' fast path
-    assert (args.steps, args.scheduler, args.edit_n_min, args.edit_n_max, args.guidance_scale, args.omega_scale) == (
-        d.infer_step, d.scheduler_type, d.edit_n_min, d.edit_n_max, d.guidance.guidance_scale, d.guidance.omega_scale)
+    assert (args.steps, args.scheduler, args.edit_n_max, args.guidance_scale, args.omega_scale) == (
+        d.infer_step, d.scheduler_type, d.edit_n_max, d.guidance.guidance_scale, d.guidance.omega_scale)
+    # where the official app's UI differs from the pipeline, the command line takes the app's (params.APP_DEFAULTS)
+    from acestep_core.params import APP_DEFAULTS
+
+    assert args.edit_n_min == APP_DEFAULTS["edit_n_min"].app and d.edit_n_min == APP_DEFAULTS["edit_n_min"].pipeline
+    assert args.sample_rate == APP_DEFAULTS["sample_rate"].app
     official = request_from_official_args({"task": "edit"})
     assert (official.edit_n_min, official.infer_step, official.guidance) == (d.edit_n_min, d.infer_step, d.guidance)
     assert official.batch_branches is False  # the official separate calls, as the parity fixtures were recorded
