@@ -1,0 +1,223 @@
+"""ACE-Step 1.5 sampling: guidance, randomness, repaint helpers, options, and the generation loop.
+
+Oracles: the 1.5 parity fixtures (official `generate_audio` at 53067ab, tests/data/fixtures-15) for the loops and
+the per-item noise; diffusers 0.42.1 for APG (`normalized_guidance`) and, where it matches the official code, the
+pipeline loop. Where diffusers deviates (docs/acestep-15.md) the tests follow the official lines they name.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from acestep_core.v15 import guidance as G
+from acestep_core.v15.generate import (
+    SamplerOptions,
+    repaint_boundary_blend,
+    repaint_soft_mask,
+    repaint_step_injection,
+    seed_noise,
+)
+from conftest import FIXTURES_15
+
+RTOL = 1e-5
+LOOP_CASES = [
+    "turbo_text2music_shift3",
+    "turbo_text2music_shift1",
+    "turbo_text2music_auto_mask",
+    "turbo_repaint_official_defaults",
+    "turbo_repaint_auto_mask",
+    "turbo_lego",
+    "turbo_extract",
+    "turbo_complete",
+    "turbo_cover_strength1",
+    "turbo_cover_strength05",
+    "base_text2music_apg",
+    "base_cfg_interval",
+    "base_repaint_official_defaults",
+]
+
+
+def rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max|a − e| / max|e| (the fixture README's metric)."""
+    expected = expected.float()
+    return float((actual.float() - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+
+
+def case_dir(name: str) -> Path:
+    folder = FIXTURES_15 / name
+    assert folder.is_dir(), f"fixture case {name} missing under {FIXTURES_15} (set ACESTEP15_FIXTURES_DIR)"
+    return folder
+
+
+def case_meta(name: str) -> dict:
+    return json.loads((case_dir(name) / "case.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------------- randomness
+
+
+@pytest.mark.parametrize("case", LOOP_CASES)
+def test_seed_noise_is_the_official_per_item_draw(case):
+    # README "Randomness": torch.randn((1, T, 8), generator=Generator("cpu").manual_seed(seed[b])) per item.
+    meta = case_meta(case)
+    stored = load_file(str(case_dir(case) / "inputs.safetensors"))["noise"]
+    seeds = meta["call"]["args"]["seed"]
+    got = seed_noise(seeds, stored.shape[0], stored.shape[1], stored.shape[2])
+    assert torch.equal(got, stored)
+
+
+def test_seed_noise_items_are_independent_of_the_batch():
+    both = seed_noise([5, 9], 2, 13, 8)
+    assert torch.equal(both[1:], seed_noise([9], 1, 13, 8))
+    # A single int seed is the official single-seed draw: one [B, T, C] tensor from one generator.
+    g = torch.Generator("cpu").manual_seed(5)
+    assert torch.equal(seed_noise(5, 2, 13, 8), torch.randn((2, 13, 8), generator=g))
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, 1.5, True, [1, "2"]])
+def test_bad_seed_raises(seed):
+    with pytest.raises(ValueError, match="seed"):
+        seed_noise(seed, 1 if not isinstance(seed, list) else 2, 4, 8)
+
+
+def test_seed_count_must_match_batch():
+    with pytest.raises(ValueError, match="one seed per batch item"):
+        seed_noise([1, 2, 3], 2, 4, 8)
+
+
+# --------------------------------------------------------------------------------------------------- guidance
+
+
+def test_apg_matches_diffusers_normalized_guidance_over_steps():
+    # diffusers 0.42.1 AceStepPipeline: normalized_guidance(g − 1, eta 0, threshold 2.5, original formulation,
+    # norm_dim=(1,)) with MomentumBuffer(−0.75); the oracle note measured it bit-equal to the official apg_forward.
+    from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer as DMomentum
+    from diffusers.guiders.adaptive_projected_guidance import normalized_guidance
+
+    gen = torch.Generator().manual_seed(3)
+    ours, theirs = G.MomentumBuffer(), DMomentum(momentum=-0.75)
+    for step in range(5):
+        cond = torch.randn(2, 27, 8, generator=gen) * (1 + step)
+        uncond = cond + torch.randn(2, 27, 8, generator=gen)
+        a = G.apg(cond, uncond, 7.0, ours)
+        b = normalized_guidance(
+            pred_cond=cond, pred_uncond=uncond, guidance_scale=6.0, momentum_buffer=theirs, eta=0.0,
+            norm_threshold=2.5, use_original_formulation=True, norm_dim=(1,),
+        )
+        assert torch.equal(a, b), step
+
+
+def test_cfg_interval_is_tested_on_t():
+    # Official base generate_audio: `apply_cfg_guidance = t_curr >= cfg_interval_start and t_curr <= cfg_interval_end`
+    # (t = 1 is noise). diffusers tests 1 − t (pipeline_ace_step.py: timestep_ratio = 1.0 - current_timestep).
+    assert G.in_cfg_interval(torch.tensor(0.5), 0.0, 0.6)
+    assert not G.in_cfg_interval(torch.tensor(0.9), 0.0, 0.6)
+    assert G.in_cfg_interval(torch.tensor(0.9), 0.4, 1.0)
+    assert G.in_cfg_interval(1.0, 0.0, 1.0) and G.in_cfg_interval(0.0, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("start, end", [(0.7, 0.2), (-0.1, 1.0), (0.0, 1.5), (float("nan"), 1.0)])
+def test_bad_cfg_interval_raises(start, end):
+    with pytest.raises(ValueError, match="cfg_interval"):
+        SamplerOptions(variant="base", cfg_interval=(start, end)).validate()
+
+
+@pytest.mark.parametrize("scale", [1.5, 7.0])
+def test_adg_two_channel_geometry(scale):
+    # Official adg_forward worked by hand for unit x̂_u = (1, 0), x̂_c = (cos a, sin a), x = 0, σ = 1:
+    # w = g − 1 + 1e-3, θ' = min(w·a, 3.14/6), (x̂_c − x̂_u)⊥x̂_u = (0, sin a), so
+    # x̂ = cos θ'·x̂_c + sin θ'·(0, 1) and v = (x − x̂)/σ = −x̂.
+    a = 0.3
+    hat_c = torch.tensor([math.cos(a), math.sin(a)])
+    hat_u = torch.tensor([1.0, 0.0])
+    x = torch.zeros(1, 1, 2)
+    v = G.adg(x, -hat_c.view(1, 1, 2), -hat_u.view(1, 1, 2), torch.tensor(1.0), scale)
+    theta_new = min((scale - 1 + 1e-3) * a, 3.14 / 6)
+    want = -(math.cos(theta_new) * hat_c + math.sin(theta_new) * torch.tensor([0.0, 1.0]))
+    assert torch.allclose(v.view(2), want, atol=2e-6), (v, want)
+
+
+def test_adg_norm_variant_keeps_the_frame_axis_norm():
+    gen = torch.Generator().manual_seed(1)
+    x, c, u = (torch.randn(2, 9, 8, generator=gen) for _ in range(3))
+    sigma = torch.tensor(0.6)
+    v = G.adg(x, c, u, sigma, 5.0, apply_norm=True)
+    hat_new, hat_c = x - sigma * v, x - sigma * c
+    assert torch.allclose(torch.linalg.norm(hat_new, dim=1), torch.linalg.norm(hat_c, dim=1), rtol=1e-5)
+
+
+def test_adg_rejects_zero_sigma_and_shape_mismatch():
+    x = torch.zeros(1, 3, 2)
+    with pytest.raises(ValueError, match="sigma > 0"):
+        G.adg(x, x + 1, x + 2, 0.0, 3.0)
+    with pytest.raises(ValueError, match="one shape"):
+        G.adg(x, torch.zeros(1, 4, 2), x, 0.5, 3.0)
+
+
+# ---------------------------------------------------------------------------------------------- repaint helpers
+
+
+def test_repaint_soft_mask_ramps():
+    # Official _repaint_boundary_blend: linspace(0, 1, n + 2)[1:-1] before the span, linspace(1, 0, n + 2)[1:-1]
+    # after it, clipped at the edges; all-True and all-False rows untouched.
+    mask = torch.zeros(3, 12, dtype=torch.bool)
+    mask[0, 5:8] = True
+    mask[1, 0:3] = True
+    mask[2, :] = True
+    soft = repaint_soft_mask(mask, 3)
+    assert torch.allclose(soft[0], torch.tensor([0, 0, 0.25, 0.5, 0.75, 1, 1, 1, 0.75, 0.5, 0.25, 0]))
+    assert torch.allclose(soft[1], torch.tensor([1, 1, 1, 0.75, 0.5, 0.25, 0, 0, 0, 0, 0, 0]))
+    assert torch.equal(soft[2], torch.ones(12))
+    assert torch.equal(repaint_soft_mask(mask, 0), mask.float())
+
+
+def test_repaint_blend_and_injection():
+    gen = torch.Generator().manual_seed(0)
+    x, clean, noise = (torch.randn(1, 12, 4, generator=gen) for _ in range(3))
+    mask = torch.zeros(1, 12, dtype=torch.bool)
+    mask[0, 4:6] = True
+    blended = repaint_boundary_blend(x, clean, mask, 2)
+    assert torch.equal(blended[:, 4:6], x[:, 4:6]) and torch.equal(blended[:, :2], clean[:, :2])
+    m = 1 / 3
+    assert torch.allclose(blended[:, 3], m * 2 * x[:, 3] + (1 - m * 2) * clean[:, 3])
+    injected = repaint_step_injection(x, clean, mask, 0.25, noise)
+    assert torch.equal(injected[:, 4:6], x[:, 4:6])
+    assert torch.allclose(injected[:, 7], 0.25 * noise[:, 7] + 0.75 * clean[:, 7])
+
+
+# --------------------------------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(variant="pro"), "variant"),
+        (dict(sampler="dpm"), "sampler"),
+        (dict(sampler="heun", infer_method="sde"), "heun"),
+        (dict(steps=4), "fixed 8-step"),
+        (dict(variant="base", timesteps=(0.5,)), "turbo option"),
+        (dict(variant="base", steps=0), "steps"),
+        (dict(audio_cover_strength=1.5), "audio_cover_strength"),
+        (dict(repaint_injection_ratio=-0.1), "repaint_injection_ratio"),
+        (dict(repaint_crossfade_frames=2.5), "repaint_crossfade_frames"),
+        (dict(velocity_ema_factor=1.0), "velocity_ema_factor"),
+        (dict(shift=0.0), "shift"),
+        (dict(guidance="cfgpp"), "guidance"),
+    ],
+)
+def test_bad_options_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplerOptions(**kwargs).validate()
+
+
+def test_option_defaults_follow_the_official_signatures():
+    turbo = SamplerOptions().validate()
+    base = SamplerOptions(variant="base").validate()
+    assert (turbo.shift, turbo.steps) == (3.0, None)  # turbo generate_audio: shift=3.0, fix_nfe=8
+    assert (base.shift, base.steps, base.guidance_scale) == (1.0, 30, 7.0)  # base: shift=1.0, infer_steps=30
+    assert turbo.repaint_injection_ratio == 0.5 and turbo.repaint_crossfade_frames == 10
