@@ -301,3 +301,78 @@ def test_loop_matches_official_fixture(case):
     assert not bad, f"{case}: over {RTOL}: {bad}"
     # Every case.json expected key family is covered (no key silently skipped).
     assert set(expected) <= set(record)
+
+
+# -------------------------------------------------------------------------------------------------- task inputs
+
+
+@pytest.mark.parametrize("case", LOOP_CASES)
+def test_task_inputs_rebuild_the_fixture_inputs(case):
+    # The fixtures' task tensors were built as the official handler builds them (conditioning_masks.py,
+    # service_generate_execute.py); our builder must give the same tensors from the task, source and spans.
+    from acestep_core.v15.tasks import build_task_inputs
+
+    meta = case_meta(case)
+    inputs = load_file(str(case_dir(case) / "inputs.safetensors"))
+    batch, length, _ = inputs["src_latents"].shape
+    task = meta["task"]
+    spans = meta["repaint_ranges_latent_frames"]
+    if task == "text2music":
+        source = None
+    elif "clean_src_latents" in inputs:
+        source = inputs["clean_src_latents"]
+    else:
+        source = inputs["src_latents"]  # extract / complete / cover: the source is passed as it is
+    built = build_task_inputs(
+        task, batch=batch, length=length, silence_latent=inputs["silence_latent"], source_latents=source,
+        spans=None if spans is None else [tuple(s) for s in spans],
+        chunk_mask_mode="auto" if "auto_mask" in case else "explicit",
+    )
+    assert torch.equal(built.src_latents, inputs["src_latents"])
+    assert torch.equal(built.chunk_masks, inputs["chunk_masks"])
+    assert torch.equal(built.is_covers, inputs["is_covers"])
+    if "repaint_mask" in inputs:
+        assert torch.equal(built.repaint_mask, inputs["repaint_mask"])
+        assert torch.equal(built.clean_src_latents, inputs["clean_src_latents"])
+    else:
+        assert built.repaint_mask is None and built.clean_src_latents is None
+
+
+def test_seconds_to_frames_follows_the_handler():
+    from acestep_core.v15.tasks import seconds_to_frames
+
+    assert seconds_to_frames(1.0, 2.0, 250) == (25, 50)
+    assert seconds_to_frames(0.039, 0.081, 250) == (0, 2)  # floor of s·48000 // 1920
+    assert seconds_to_frames(None, 3.0, 250) == (0, 75)
+    assert seconds_to_frames(-2.0, 1.0, 250) == (0, 75)  # a negative start shifts both ends (left padding)
+    assert seconds_to_frames(20.0, 30.0, 250) == (249, 250)  # clamped into the latent
+    with pytest.raises(ValueError, match="end > start"):
+        seconds_to_frames(3.0, 3.0, 250)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(task="remix"), "task"),
+        (dict(task="repaint"), "needs source audio"),
+        (dict(task="text2music", source_latents=torch.zeros(1, 10, 8)), "no source audio"),
+        (dict(task="repaint", source_latents=torch.zeros(1, 10, 8)), "span"),
+        (dict(task="extract", source_latents=torch.zeros(1, 10, 8), spans=[(1, 3)]), "repaint and lego only"),
+        (dict(task="repaint", source_latents=torch.zeros(1, 10, 8), spans=[(5, 12)]), "0 <= start < end"),
+        (dict(task="cover", source_latents=torch.zeros(1, 9, 8)), "source_latents must be"),
+        (dict(task="text2music", chunk_mask_mode="smart"), "chunk_mask_mode"),
+    ],
+)
+def test_bad_task_inputs_raise(kwargs, match):
+    from acestep_core.v15.tasks import build_task_inputs
+
+    with pytest.raises(ValueError, match=match):
+        build_task_inputs(batch=1, length=10, silence_latent=torch.zeros(1, 4, 8), **kwargs)
+
+
+def test_task_inputs_tile_a_short_silence_latent():
+    from acestep_core.v15.tasks import build_task_inputs
+
+    silence = torch.arange(3 * 2, dtype=torch.float32).view(1, 3, 2)
+    built = build_task_inputs("text2music", batch=1, length=7, silence_latent=silence)
+    assert torch.equal(built.src_latents[0], silence[0].repeat(3, 1)[:7])
