@@ -47,11 +47,14 @@ class TaskInputs:
     spans: list[tuple[str, int, int]]
 
 
-def seconds_to_frames(start: float | None, end: float, length: int) -> tuple[int, int]:
+def seconds_to_frames(start: float | None, end: float | None, length: int) -> tuple[int, int]:
     """A span in seconds as latent frames [start, end) the way the handler converts it: a negative start shifts
     both ends right (the caller padded the source by that much on the left), frame = int(s·48000 // 1920), then
-    start is clamped into [0, T − 1] and end into [start + 1, T]."""
+    start is clamped into [0, T − 1] and end into [start + 1, T]. `end` None or negative (the UI's −1) means the
+    end of the latent."""
     start = 0.0 if start is None else start
+    if end is None or (isinstance(end, (int, float)) and not isinstance(end, bool) and end < 0):
+        end = max(length * HOP / SAMPLE_RATE, start + HOP / SAMPLE_RATE)
     for name, value in (("span start", start), ("span end", end)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number of seconds, got {value!r}")
