@@ -9,7 +9,7 @@ the window, not the song. Tensors are channel-first: audio [B, 2, samples], late
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -64,6 +64,25 @@ class OobleckConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_weights(cls, shapes: Mapping[str, Sequence[int]]) -> OobleckConfig:
+        """Sizes and strides from diffusers-named VAE shapes (a ComfyUI file carries no config.json)."""
+        try:
+            width = int(shapes["encoder.conv1.bias"][0])
+            audio = int(shapes["encoder.conv1.weight_v"][1])
+            blocks = sorted({int(k.split(".")[2]) for k in shapes if k.startswith("encoder.block.")})
+            strides = [int(shapes[f"encoder.block.{i}.conv1.weight_v"][2]) // 2 for i in blocks]
+            mults = [int(shapes[f"encoder.block.{i}.conv1.bias"][0]) // width for i in blocks]
+            dec_width = int(shapes["decoder.conv2.weight_v"][1])
+            latent = int(shapes["decoder.conv1.weight_v"][1])
+        except (KeyError, IndexError) as exc:
+            raise ValueError(f"VAE weights lack {exc.args[0]!r}: not an Oobleck VAE") from exc
+        # ComfyUI's rule: the stride-6 (kernel 12) layout is the 48 kHz ACE-Step 1.5 VAE, else Stable Audio.
+        rate = 48000 if math.prod(strides) == 1920 else 44100
+        return cls(encoder_hidden_size=width, downsampling_ratios=strides, channel_multiples=mults,
+                   decoder_channels=dec_width, decoder_input_channels=latent, audio_channels=audio,
+                   sampling_rate=rate)
 
 
 class Snake(nn.Module):
@@ -385,6 +404,14 @@ def to_comfyui_state_dict(sd: Mapping[str, torch.Tensor], config: OobleckConfig 
     return out
 
 
+def _comfy_config(sd: Mapping[str, torch.Tensor]) -> OobleckConfig:
+    """The config a ComfyUI-named VAE needs for its name map: only the number of blocks matters there."""
+    blocks = len({k.split(".")[2] for k in sd if k.startswith("encoder.layers.")}) - 3
+    if blocks < 1:
+        raise ValueError("VAE tensors do not look like an Oobleck VAE (too few encoder layers)")
+    return OobleckConfig(downsampling_ratios=[2] * blocks, channel_multiples=[1] * blocks)
+
+
 def fold_plain_weights(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Accept a VAE whose weight norm was folded (plain `.weight`): g = ‖w‖ per output row, v = w."""
     out = dict(sd)
@@ -400,11 +427,13 @@ def fold_plain_weights(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 def vae_from_state_dict(sd: Mapping[str, torch.Tensor], config: OobleckConfig | Mapping | None = None,
                         dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> AudioVAE:
     """Build on meta and load diffusers- or ComfyUI-named weights (strict, assign)."""
-    if not isinstance(config, OobleckConfig):
-        config = OobleckConfig.from_dict(config) if config is not None else OobleckConfig()
+    if config is not None and not isinstance(config, OobleckConfig):
+        config = OobleckConfig.from_dict(config)
     if any(k.startswith(("encoder.layers.", "decoder.layers.")) for k in sd):
-        sd = from_comfyui_state_dict(sd, config)
+        sd = from_comfyui_state_dict(sd, config or _comfy_config(sd))
     sd = fold_plain_weights(sd)
+    if config is None:
+        config = OobleckConfig.from_weights({k: tuple(v.shape) for k, v in sd.items()})
     with torch.device("meta"):
         vae = AudioVAE(config)
     expected = vae.state_dict()
