@@ -458,7 +458,8 @@ ORACLE_CASES = {
                  dict(num_inference_steps=6, shift=2.0, guidance_scale=5.0)),
     # D4: the official interval [0, 0.6] on t is diffusers' [0.4, 1.0] on 1 − t.
     "base_cfg_interval_mirrored": ("text2music",
-                                   dict(variant="base", steps=6, shift=3.0, guidance_scale=4.0, cfg_interval=(0.0, 0.6)),
+                                   dict(variant="base", steps=6, shift=3.0, guidance_scale=4.0,
+                                        cfg_interval=(0.0, 0.6)),
                                    dict(num_inference_steps=6, shift=3.0, guidance_scale=4.0,
                                         cfg_interval_start=0.4, cfg_interval_end=1.0)),
     "turbo_extract": ("extract", dict(variant="turbo"), dict(track_name="vocals")),

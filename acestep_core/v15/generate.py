@@ -100,7 +100,9 @@ class SamplerOptions:
         _finite("velocity_ema_factor", self.velocity_ema_factor, low=0.0, high=1.0, open_high=True)
         frames = self.repaint_crossfade_frames
         if isinstance(frames, bool) or not isinstance(frames, int) or not 0 <= frames <= MAX_CROSSFADE_FRAMES:
-            raise ValueError(f"repaint_crossfade_frames must be an integer in [0, {MAX_CROSSFADE_FRAMES}], got {frames!r}")
+            raise ValueError(
+                f"repaint_crossfade_frames must be an integer in [0, {MAX_CROSSFADE_FRAMES}], got {frames!r}"
+            )
         timesteps = None if self.timesteps is None else tuple(float(t) for t in self.timesteps)
         return replace(self, steps=steps, shift=float(shift), timesteps=timesteps, cfg_interval=(start, end))
 

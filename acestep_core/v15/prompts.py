@@ -98,7 +98,9 @@ def format_metas(bpm=None, keyscale: str | None = None, timesignature=None, dura
         bpm_text = str(bpm)
     key = "" if keyscale is None else str(keyscale).strip()
     if key and key != NOT_GIVEN and key not in VALID_KEYSCALES:
-        raise ValueError(f"keyscale must look like 'C major', 'F# minor' or 'B♭ major' (or be empty), got {keyscale!r}")
+        raise ValueError(
+            f"keyscale must look like 'C major', 'F# minor' or 'B♭ major' (or be empty), got {keyscale!r}"
+        )
     key_text = key if key and key != NOT_GIVEN else NOT_GIVEN
     ts = "" if timesignature is None else str(timesignature).strip()
     if ts and ts != NOT_GIVEN and ts not in VALID_TIME_SIGNATURES:
