@@ -308,3 +308,94 @@ def test_diffusers_name_map_covers_real_checkpoint():
     names = json.loads((REAL_KEYS_15 / "turbo.json").read_text())["tensors"]
     components = {to_diffusers_name(n)[0] for n in names}
     assert components == {"transformer", "condition_encoder", "audio_tokenizer", "audio_token_detokenizer"}
+
+
+# ---------------------------------------------------------------------------------------------- inputs and dtypes
+def _fixture_model(name: str = "dit_forward"):
+    model, inputs, _ = _load_case(name)
+    return model, inputs
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(hidden_states=torch.zeros(2, 26, 5)), "hidden_states must be"),
+    (dict(context_latents=torch.zeros(2, 25, 16)), "context_latents must be"),
+    (dict(encoder_hidden_states=torch.zeros(2, 0, 32)), "encoder_hidden_states must be"),
+    (dict(encoder_hidden_states=torch.zeros(3, 11, 32)), "encoder_hidden_states must be"),
+    (dict(timestep=torch.zeros(3)), "timestep must be"),
+    (dict(timestep_r=torch.zeros(2, 1)), "timestep_r must be"),
+])
+def test_decoder_rejects_bad_inputs(change, match):
+    model, i = _fixture_model()
+    with pytest.raises(ValueError, match=match):
+        model.decoder(**dict(i, **change))
+
+
+def test_decoder_scalar_timesteps_equal_vectors():
+    model, i = _fixture_model()
+    with torch.no_grad():
+        a = model.decoder(**dict(i, timestep=torch.tensor(0.7), timestep_r=0.7))
+        b = model.decoder(**dict(i, timestep=torch.full((2,), 0.7), timestep_r=torch.full((2,), 0.7)))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(text_hidden_states=torch.zeros(2, 7, 5)), "text_hidden_states must be"),
+    (dict(lyric_attention_mask=torch.ones(2, 8, dtype=torch.long)), "lyric_attention_mask must be"),
+    (dict(lyric_hidden_states=torch.zeros(3, 9, 32), lyric_attention_mask=torch.ones(3, 9, dtype=torch.long)),
+     "batch sizes differ"),
+    (dict(refer_audio_order_mask=torch.tensor([0, 1, 2])), r"values must lie in \[0, 2\)"),
+    (dict(refer_audio_order_mask=torch.tensor([0.0, 1.0, 0.0])), "int tensor"),
+    (dict(refer_audio_acoustic_hidden_states_packed=torch.zeros(3, 30, 7)), "silence_latent"),
+])
+def test_encoder_rejects_bad_inputs(change, match):
+    model, i = _fixture_model("condition_encoder")
+    with pytest.raises(ValueError, match=match):
+        model.encoder(**dict(i, **change))
+
+
+def test_encoder_item_without_reference_matches_diffusers():
+    """An item with no packed reference gets an empty (masked) timbre slot; diffusers agrees when it is not last."""
+    cfg = AceStepConfig(**TINY)
+    model = _random_model(cfg, 5)
+    ref = _diffusers_modules(cfg, model)
+    i = _inputs(cfg, 11, 5, batch=3)
+    order = torch.tensor([0, 2, 2])
+    with torch.no_grad():
+        ours = model.encoder(i["text"], torch.ones(3, 6, dtype=torch.long), i["lyric"],
+                             torch.ones(3, 9, dtype=torch.long), i["refs"], order)
+        theirs = ref["condition_encoder"](i["text"], torch.ones(3, 6, dtype=torch.long), i["lyric"],
+                                          torch.ones(3, 9, dtype=torch.long), i["refs"], order)
+        assert_close("encoder states, item 1 without reference", ours[0], theirs[0])
+        assert torch.equal(ours[1], theirs[1]) and int(ours[1][1].sum()) == 9 + 6
+        last_missing = model.encoder(i["text"], torch.ones(3, 6, dtype=torch.long), i["lyric"],
+                                     torch.ones(3, 9, dtype=torch.long), i["refs"], torch.tensor([0, 1, 1]))
+    assert last_missing[0].shape[0] == 3 and int(last_missing[1][2].sum()) == 9 + 6
+
+
+def test_bfloat16_model_casts_inputs():
+    """bf16 weights: float inputs of any dtype are cast to bf16 (t included, as the official loop passes t in the
+    model dtype), so fp32 and bf16 inputs give the same result; FSQ indices stay int32."""
+    model, i = _fixture_model()
+    half = model_from_state_dict(model.state_dict(), model.config, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = half.decoder(**i)
+        again = half.decoder(**{k: v.bfloat16() if v.is_floating_point() else v for k, v in i.items()})
+    assert out.dtype == torch.bfloat16 and out.shape == i["hidden_states"].shape
+    assert torch.isfinite(out).all() and torch.equal(out, again)
+    tok_model, t = _fixture_model("tokenizer_detokenizer")
+    tok_half = model_from_state_dict(tok_model.state_dict(), tok_model.config, dtype=torch.bfloat16)
+    with torch.no_grad():
+        q, idx, _ = tok_half.tokenize(t["x"].bfloat16(), t["silence_latent"], t["attention_mask"])
+    assert q.dtype == torch.bfloat16 and idx.dtype == torch.int32 and torch.isfinite(q).all()
+
+
+def test_get_output_from_indices_checks_codes():
+    model, _ = _fixture_model("tokenizer_detokenizer")
+    fsq = model.tokenizer.quantizer
+    assert fsq.codebook_size == 64000
+    flat = fsq.get_output_from_indices(torch.tensor([[0, 63999]]))
+    assert torch.equal(flat, fsq.get_output_from_indices(torch.tensor([[[0], [63999]]])))
+    with pytest.raises(ValueError, match=r"\[0, 64000\)"):
+        fsq.get_output_from_indices(torch.tensor([[64000]]))
+    with pytest.raises(ValueError, match="integers"):
+        fsq.get_output_from_indices(torch.tensor([[1.0]]))

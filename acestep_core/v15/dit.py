@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import AceStepConfig
-from .layers import Attention, RMSNorm, SwiGLU, additive_mask, rope_tables
+from .layers import Attention, RMSNorm, SwiGLU, rope_tables
 
 
 class TimestepEmbedding(nn.Module):
@@ -70,6 +70,10 @@ class DiTLayer(nn.Module):
         return (x + self.mlp(h) * c_gate).type_as(x)
 
 
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 class _Transpose(nn.Module):
     """Swap the time and channel axes (keeps the official Sequential index 1 for the conv weights)."""
 
@@ -101,6 +105,32 @@ class AceStepDiT(nn.Module):
         )
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim ** 0.5)
 
+    def _checked(self, x, t, r, enc, ctx):
+        """Shapes checked with one clear message; floating inputs cast to the weights' dtype."""
+        c = self.config
+        ch = c.audio_acoustic_hidden_dim
+        if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != ch or x.shape[1] < 1:
+            raise ValueError(f"decoder: hidden_states must be [B, T, {ch}] latents, got {_shape(x)}")
+        b, n = x.shape[:2]
+        ctx_ch = c.in_channels - ch
+        if not isinstance(ctx, torch.Tensor) or tuple(ctx.shape) != (b, n, ctx_ch):
+            raise ValueError(f"decoder: context_latents must be [B, T, {ctx_ch}] = {(b, n, ctx_ch)} (source latents "
+                             f"and chunk mask), got {_shape(ctx)}")
+        if not isinstance(enc, torch.Tensor) or enc.ndim != 3 or enc.shape[0] != b or enc.shape[1] < 1 \
+                or enc.shape[2] != c.encoder_size:
+            raise ValueError(f"decoder: encoder_hidden_states must be [{b}, L, {c.encoder_size}] with L >= 1, "
+                             f"got {_shape(enc)}")
+        steps = []
+        for name, v in (("timestep", t), ("timestep_r", r)):
+            if isinstance(v, (int, float)):
+                v = torch.tensor(float(v), device=x.device)
+            if not isinstance(v, torch.Tensor) or v.ndim > 1 or (v.ndim == 1 and v.shape[0] not in (1, b)):
+                raise ValueError(f"decoder: {name} must be a scalar or a [{b}] tensor, got {_shape(v)}")
+            steps.append(v.reshape(-1).expand(b) if v.numel() == 1 else v)
+        dtype = self.scale_shift_table.dtype
+        t, r = (v.to(device=x.device, dtype=dtype) for v in steps)
+        return x.to(dtype), t, r, enc.to(dtype), ctx.to(dtype)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -120,6 +150,8 @@ class AceStepDiT(nn.Module):
         ignored: no cache is kept, the result is the same.
         """
         c = self.config
+        hidden_states, timestep, timestep_r, encoder_hidden_states, context_latents = self._checked(
+            hidden_states, timestep, timestep_r, encoder_hidden_states, context_latents)
         temb_t, proj_t = self.time_embed(timestep)
         temb_r, proj_r = self.time_embed_r(timestep - timestep_r)
         temb = temb_t + temb_r
@@ -136,7 +168,11 @@ class AceStepDiT(nn.Module):
         tokens = x.shape[1]
         rope = rope_tables(tokens, c.head_dim, c.rope_theta, x.device, x.dtype)
         window = c.sliding_window if c.use_sliding_window else None
-        sliding = additive_mask(tokens, x.dtype, x.device, window=window) if window is not None else None
+        sliding = None
+        if window is not None and window < tokens - 1:
+            # Boolean band |i - j| <= window (same numbers as the official additive finfo.min mask, half its memory).
+            idx = torch.arange(tokens, device=x.device)
+            sliding = ((idx[:, None] - idx[None, :]).abs() <= window)[None, None]
         for layer in self.layers:
             self_mask = sliding if layer.layer_type == "sliding_attention" else None
             x = layer(x, rope, mod, self_mask, context, None)

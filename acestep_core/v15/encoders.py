@@ -85,6 +85,7 @@ class TimbreEncoder(nn.Module):
         max(order) + 1, as the official code has it.
         """
         n, d = embs.shape
+        order = order.long()
         b = int(order.max().item()) + 1 if batch is None else batch
         counts = torch.bincount(order, minlength=b)
         width = int(counts.max().item())
@@ -104,6 +105,39 @@ class TimbreEncoder(nn.Module):
         x = self.embed_tokens(refer_audio_acoustic_hidden_states_packed)
         x = self.norm(self.sizes.run(self.layers, x))
         return self.unpack(x[:, 0, :], refer_audio_order_mask, batch)
+
+
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_conditions(enc, text, text_mask, lyric, lyric_mask, refs, order, dtype):
+    """One clear ValueError per malformed condition input; float inputs cast to the weights' dtype."""
+    text_dim = enc.text_projector.in_features
+    timbre_dim = enc.timbre_encoder.embed_tokens.in_features
+    for name, h, m in (("text", text, text_mask), ("lyric", lyric, lyric_mask)):
+        if not isinstance(h, torch.Tensor) or not h.is_floating_point() or h.ndim != 3 or h.shape[-1] != text_dim \
+                or h.shape[1] < 1:
+            raise ValueError(f"encoder: {name}_hidden_states must be float [B, L, {text_dim}] with L >= 1, "
+                             f"got {_shape(h)}")
+        if not isinstance(m, torch.Tensor) or tuple(m.shape) != tuple(h.shape[:2]):
+            raise ValueError(f"encoder: {name}_attention_mask must be [B, L] = {tuple(h.shape[:2])}, got {_shape(m)}")
+    b = text.shape[0]
+    if lyric.shape[0] != b:
+        raise ValueError(f"encoder: text and lyric batch sizes differ ({b} vs {lyric.shape[0]})")
+    if not isinstance(refs, torch.Tensor) or not refs.is_floating_point() or refs.ndim != 3 \
+            or refs.shape[-1] != timbre_dim or refs.shape[0] < 1 or refs.shape[1] < 1:
+        raise ValueError(f"encoder: refer_audio_acoustic_hidden_states_packed must be float [N, T, {timbre_dim}] "
+                         f"with N, T >= 1 (pass silence_latent[:, :750] for items without reference audio), "
+                         f"got {_shape(refs)}")
+    if not isinstance(order, torch.Tensor) or order.dtype not in (torch.int32, torch.int64) \
+            or tuple(order.shape) != (refs.shape[0],):
+        raise ValueError(f"encoder: refer_audio_order_mask must be an int tensor [{refs.shape[0]}] (the batch item "
+                         f"of each packed reference), got {_shape(order)}")
+    if int(order.min()) < 0 or int(order.max()) >= b:
+        raise ValueError(f"encoder: refer_audio_order_mask values must lie in [0, {b}), got "
+                         f"[{int(order.min())}, {int(order.max())}]")
+    return text.to(dtype), lyric.to(dtype), refs.to(dtype)
 
 
 class ConditionEncoder(nn.Module):
@@ -127,6 +161,10 @@ class ConditionEncoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(encoder_hidden_states [B, L, D], encoder_attention_mask [B, L] bool): lyrics, timbre, then text,
         valid tokens first in each item."""
+        dtype = self.text_projector.weight.dtype
+        text_hidden_states, lyric_hidden_states, refer_audio_acoustic_hidden_states_packed = _check_conditions(
+            self, text_hidden_states, text_attention_mask, lyric_hidden_states, lyric_attention_mask,
+            refer_audio_acoustic_hidden_states_packed, refer_audio_order_mask, dtype)
         text = self.text_projector(text_hidden_states)
         lyric = self.lyric_encoder(lyric_hidden_states, lyric_attention_mask)
         timbre, timbre_mask = self.timbre_encoder(

@@ -70,6 +70,7 @@ class AceStep15Model(nn.Module):
                f"tokenize: x must be [B, T, {c.audio_acoustic_hidden_dim}] latents, got {tuple(x.shape)}")
         _check(attention_mask.ndim == 2 and tuple(attention_mask.shape) == tuple(x.shape[:2]),
                f"tokenize: attention_mask must be [B, T] = {tuple(x.shape[:2])}, got {tuple(attention_mask.shape)}")
+        x = x.to(self.tokenizer.audio_acoustic_proj.weight.dtype)
         pad = (-x.shape[1]) % p
         if pad:
             _check(silence_latent.ndim == 3 and silence_latent.shape[1] >= pad
@@ -90,7 +91,7 @@ class AceStep15Model(nn.Module):
         """5 Hz quantised tokens -> 25 Hz hints [B, T·pool_window, C] (official detokenize)."""
         _check(quantized.ndim == 3 and quantized.shape[-1] == self.config.encoder_size,
                f"detokenize: quantized must be [B, T, {self.config.encoder_size}], got {tuple(quantized.shape)}")
-        return self.detokenizer(quantized)
+        return self.detokenizer(quantized.to(self.detokenizer.embed_tokens.weight.dtype))
 
     # ------------------------------------------------------------------ conditions
     @torch.no_grad()
