@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import REAL_KEYS, REAL_KEYS_15, TINY_COMFY, TINY_FOLDER
+from conftest import FIXTURES_15, REAL_KEYS, REAL_KEYS_15, TINY_COMFY, TINY_FOLDER
 from safetensors.torch import save_file
 
 from acestep_core.errors import CheckpointError
@@ -89,7 +89,7 @@ def test_config_json_round_trip_and_bookkeeping_keys():
 
 
 def test_load_state_dict_strict_rejects_wrong_weights():
-    cfg = AceStepConfig(**json.loads((REAL_KEYS_15.parent / "fixtures-15" / "config.json").read_text()))
+    cfg = AceStepConfig(**json.loads((FIXTURES_15 / "config.json").read_text()))
     model = build_model(cfg, device="cpu")
     sd = model.state_dict()
     again = model_from_state_dict(sd, cfg)
@@ -154,7 +154,7 @@ TINY_VAE = dict(encoder_hidden_size=8, downsampling_ratios=[2, 4, 4, 6, 10], cha
 
 def _tiny_parts(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    cfg = AceStepConfig(**json.loads((REAL_KEYS_15.parent / "fixtures-15" / "config.json").read_text()))
+    cfg = AceStepConfig(**json.loads((FIXTURES_15 / "config.json").read_text()))
     cfg = AceStepConfig.from_dict(dict(cfg.to_dict(), audio_acoustic_hidden_dim=4, in_channels=12,
                                        timbre_hidden_dim=4))
     dit = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in build_model(cfg).state_dict().items()}

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import AceStepConfig
-from .layers import EncoderLayer, EncoderStack, RMSNorm
+from .layers import EncoderLayer, RMSNorm, run_encoder_layers
 
 
 class _Sizes:
@@ -37,7 +37,7 @@ class _Sizes:
         )
 
     def run(self, layers: nn.ModuleList, x: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
-        return EncoderStack.run(layers, self.layer_types, x, self.head_dim, self.theta, self.window, padding)
+        return run_encoder_layers(layers, self.layer_types, x, self.head_dim, self.theta, self.window, padding)
 
 
 def pack_sequences(h1: torch.Tensor, h2: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor):

@@ -139,26 +139,21 @@ class EncoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class EncoderStack(nn.Module):
-    """Layers of EncoderLayer with the official per-layer sliding/full masks and shared RoPE.
-
-    Holds no parameters itself; the owner registers `layers` (and `norm`) under the official names.
-    """
-
-    @staticmethod
-    def run(
-        layers: nn.ModuleList,
-        layer_types: list[str],
-        x: torch.Tensor,
-        head_dim: int,
-        theta: float,
-        window: int | None,
-        padding: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        length = x.shape[1]
-        rope = rope_tables(length, head_dim, theta, x.device, x.dtype)
-        full = additive_mask(length, x.dtype, x.device, padding)
-        sliding = additive_mask(length, x.dtype, x.device, padding, window) if window is not None else full
-        for i, layer in enumerate(layers):
-            x = layer(x, rope, sliding if layer_types[i] == "sliding_attention" else full)
-        return x
+def run_encoder_layers(
+    layers: nn.ModuleList,
+    layer_types: list[str],
+    x: torch.Tensor,
+    head_dim: int,
+    theta: float,
+    window: int | None,
+    padding: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [B, L, D] through EncoderLayers with shared RoPE and the official per-layer masks: layer i uses the sliding
+    band when layer_types[i] is "sliding_attention", else full attention; `padding` [B, L] hides padded keys."""
+    length = x.shape[1]
+    rope = rope_tables(length, head_dim, theta, x.device, x.dtype)
+    full = additive_mask(length, x.dtype, x.device, padding)
+    sliding = additive_mask(length, x.dtype, x.device, padding, window) if window is not None else full
+    for i, layer in enumerate(layers):
+        x = layer(x, rope, sliding if layer_types[i] == "sliding_attention" else full)
+    return x

@@ -115,7 +115,7 @@ def read_tensors(
     progress: ProgressFn | None = None,
     label: str = "weights",
 ) -> dict[str, torch.Tensor]:
-    """{name: file} -> {name: tensor}, floating tensors converted to `dtype` as they are read."""
+    """{name: file} -> {name: tensor}, floating tensors converted to `dtype` (default float32) as they are read."""
     out: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
