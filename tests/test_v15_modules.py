@@ -399,3 +399,25 @@ def test_get_output_from_indices_checks_codes():
         fsq.get_output_from_indices(torch.tensor([[64000]]))
     with pytest.raises(ValueError, match="integers"):
         fsq.get_output_from_indices(torch.tensor([[1.0]]))
+
+
+# ---------------------------------------------------------------------------------------------- text encoder
+def test_text_encoder_right_padding_keeps_real_token_states():
+    """The official handler encodes right-padded prompts without a mask; the causal model keeps every real token's
+    state equal to the unpadded encoding (transformers Qwen3Model, the class the official code loads)."""
+    from acestep_core.v15.text_encoder import QWEN3_EMBEDDING_06B, build_text_model, text_encoder_from_state_dict
+
+    tiny = dict(QWEN3_EMBEDDING_06B, vocab_size=60, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(v.shape, generator=g) * 0.2 for k, v in build_text_model(tiny).state_dict().items()}
+    enc = text_encoder_from_state_dict(sd, tiny)
+    a = torch.randint(0, 59, (1, 9), generator=g)
+    b = torch.randint(0, 59, (1, 5), generator=g)
+    padded = torch.cat([a, torch.cat([b, torch.full((1, 4), 59)], dim=1)])
+    both = enc.encode_text(padded)
+    assert rel(both[0], enc.encode_text(a)[0]) <= 1e-5
+    assert rel(both[1, :5], enc.encode_text(b)[0]) <= 1e-5
+    assert torch.equal(enc.embed_lyrics(b)[0], sd["embed_tokens.weight"][b[0]])
+    with pytest.raises(ValueError, match=r"\[0, 60\)"):
+        enc.encode_text(torch.tensor([[60]]))

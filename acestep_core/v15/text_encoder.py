@@ -35,6 +35,8 @@ def qwen3_config(config: Mapping[str, Any] | None = None):
     data = dict(QWEN3_EMBEDDING_06B if config is None else config)
     data.pop("architectures", None)
     data.pop("model_type", None)
+    data.pop("_attn_implementation", None)
+    data["attn_implementation"] = "sdpa"  # what AutoModel.from_pretrained picks for the official handler
     try:
         return Qwen3Config(**data)
     except (TypeError, ValueError) as exc:
