@@ -213,8 +213,8 @@ def load_dit(
         name_source = path.stem
     names = _strip_dit_prefix(file_map)
     version = model_version
-    if version is None and config_dict is None:
-        version = variant_from_name(name_source)
+    if version is None and not (config_dict and ("model_version" in config_dict or "is_turbo" in config_dict)):
+        version = variant_from_name(name_source)  # the weights cannot tell turbo, base and sft apart
     # Read only the DiT tensors (an all-in-one file also holds the VAE and text encoder).
     raw = read_tensors({v: file_map[v] for v in names.values()}, dtype, device, progress, "diffusion model")
     state = {official: raw[file_key] for official, file_key in names.items()}
