@@ -71,6 +71,14 @@ def test_config_checks_name_the_field():
         AceStepConfig(in_channels=100)
     with pytest.raises(ValueError, match="model_version"):
         AceStepConfig(model_version="large")
+    with pytest.raises(ValueError, match="fsq_input_levels"):
+        AceStepConfig(fsq_input_levels=5)
+    with pytest.raises(ValueError, match="rope_scaling"):
+        AceStepConfig(rope_scaling="linear")
+    with pytest.raises(ValueError, match="sliding_window"):
+        AceStepConfig(sliding_window=None)
+    with pytest.raises(ValueError, match="lyric/timbre/pooler"):
+        AceStepConfig(num_hidden_layers=4)
     with pytest.raises(ValueError, match="hidden_size"):
         AceStepConfig.from_dict({"hidden_size": "2048"})
     real = _real("turbo")["tensors"]

@@ -84,9 +84,10 @@ class AceStepConfig:
     def __post_init__(self) -> None:
         if self.layer_types is None:
             self.layer_types = default_layer_types(self.num_hidden_layers)
-        self.layer_types = list(self.layer_types)
-        self.fsq_input_levels = [int(v) if isinstance(v, int) and not isinstance(v, bool) else v
-                                 for v in self.fsq_input_levels]
+        if isinstance(self.layer_types, (list, tuple)):
+            self.layer_types = list(self.layer_types)
+        if isinstance(self.fsq_input_levels, tuple):
+            self.fsq_input_levels = list(self.fsq_input_levels)
         self.validate()
 
     # ------------------------------------------------------------------ checks
@@ -115,7 +116,8 @@ class AceStepConfig:
         if self.hidden_act != "silu":
             raise ValueError(f"AceStepConfig.hidden_act must be 'silu' (the only activation of ACE-Step 1.5), "
                              f"got {self.hidden_act!r}")
-        if self.rope_scaling not in (None, {}) and self.rope_scaling.get("rope_type", "default") != "default":
+        if self.rope_scaling not in (None, {}) and (not isinstance(self.rope_scaling, dict)
+                                                    or self.rope_scaling.get("rope_type", "default") != "default"):
             raise ValueError(f"AceStepConfig.rope_scaling {self.rope_scaling!r} is not supported; ACE-Step 1.5 "
                              "uses plain RoPE (rope_scaling null)")
         if self.head_dim % 2:
@@ -128,7 +130,8 @@ class AceStepConfig:
         if self.use_sliding_window and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             raise ValueError(f"AceStepConfig.sliding_window must be a positive int when use_sliding_window is on, "
                              f"got {self.sliding_window!r}")
-        if len(self.layer_types) != self.num_hidden_layers or any(t not in LAYER_TYPES for t in self.layer_types):
+        if not isinstance(self.layer_types, list) or len(self.layer_types) != self.num_hidden_layers \
+                or any(t not in LAYER_TYPES for t in self.layer_types):
             raise ValueError(f"AceStepConfig.layer_types must list {self.num_hidden_layers} entries, each one of "
                              f"{LAYER_TYPES}; got {self.layer_types!r}")
         deepest = max(self.num_lyric_encoder_hidden_layers, self.num_timbre_encoder_hidden_layers,
