@@ -324,6 +324,7 @@ def test_audio_input_preparation():
     (lambda b: P.cover(b, "x", source_audio=tone(1.0), source_sample_rate=SR, audio_cover_strength=1.5),
      "audio_cover_strength"),
     (lambda b: P.extract(b, source_audio=tone(1.0), source_sample_rate=SR, track_name=None), "track_name"),
+    (lambda b: P.text2music(b, "x", duration=1.0, options=SamplerOptions(audio_cover_strength=0.5)), "cover task"),
     (lambda b: P.text2music(b, "x", duration=1.0, reference_audio=torch.ones(2, 10)), "reference_audio"),
     (lambda b: P.text2music(b, "x", duration=1.0, reference_audio=(torch.zeros(2, 0), SR)), "empty"),
     (lambda b: P.text2music(b, "x", duration=1.0, chunk_mask_mode="auto2"), "chunk_mask_mode"),

@@ -498,6 +498,9 @@ def run(
         repaint_defaults = dict(repaint_injection_ratio=HANDLER_REPAINT_INJECTION_RATIO,
                                 repaint_crossfade_frames=HANDLER_REPAINT_CROSSFADE_FRAMES) if options is None else {}
     opts = _options(bundle, options, audio_cover_strength=audio_cover_strength, **repaint_defaults)
+    if task != "cover" and (opts.audio_cover_strength != 1.0 or opts.cover_noise_strength != 0.0):
+        raise ValueError("audio_cover_strength and cover_noise_strength apply to the cover task only; leave them at "
+                         "1.0 and 0.0")
     references = _references(reference_audio, batch_size)
 
     # The source (audio, or 5 Hz codes for cover) fixes the length; text2music takes `duration`.
