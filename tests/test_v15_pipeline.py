@@ -133,6 +133,26 @@ def test_text_states_are_the_handler_encoding():
     assert rel(s.text_hidden_states[0], full[0]) <= 1e-5
 
 
+@pytest.mark.parametrize("task, track", [("text2music", None), ("extract", "vocals"), ("lego", "drums")])
+def test_text_states_match_diffusers_encode_prompt(task, track):
+    """Second oracle: diffusers 0.42.1 `AceStepPipeline.encode_prompt` (batch tokenization, padding "longest",
+    256/2048 tokens, the whole model for captions, embeddings for lyrics), given our tiny Qwen3 and tokenizer."""
+    from diffusers import AceStepPipeline
+
+    b = bundle()
+    pipe = AceStepPipeline.__new__(AceStepPipeline)
+    pipe.tokenizer, pipe.text_encoder = b.text_encoder.tokenizer, b.text_encoder.model
+    caps, lyrics, langs = ["calm piano ballad", "rock"], ["[verse]\nhello world", ""], ["en", "de"]
+    instruction = AceStepPipeline._get_task_instruction(task, track_name=track)
+    t, tm, ly, lm = pipe.encode_prompt(caps, lyrics, torch.device("cpu"), vocal_language=langs, audio_duration=47.0,
+                                       instruction=instruction, bpm=92, keyscale="A minor", timesignature="4")
+    prompts = [P.build_prompts(task, c, x, lang, bpm=92, keyscale="A minor", timesignature="4", duration=47.0,
+                               track_name=track) for c, x, lang in zip(caps, lyrics, langs)]
+    s = P.encode_texts(b, prompts)
+    assert torch.equal(s.text_hidden_states, t) and torch.equal(s.lyric_hidden_states, ly)
+    assert torch.equal(s.text_attention_mask, tm.long()) and torch.equal(s.lyric_attention_mask, lm.long())
+
+
 def test_long_texts_are_truncated_at_the_official_limits():
     b = bundle()
     p = P.build_prompts("text2music", "x" * 2000, "y" * 5000, duration=10.0)
