@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from acestep_core.v15.lora import Adapters15, apply_adapters, comfy_key, load_adapter_file, signature
+from acestep_core.v15.lora import (Adapters15, apply_adapters, comfy_key, ensure_adapters, load_adapter_file,
+                                   signature)
 from test_v15_generate import case_dir, load_case_model, rel
 
 TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
@@ -281,3 +282,20 @@ def test_rslora_and_alpha_pattern(tmp_path):
     with apply_adapters(m, [(lora, 1.0)]):
         pass
     assert isinstance(m.decoder.layers[0].self_attn.q_proj, nn.Linear)
+
+
+def test_ensure_switches_sets_and_restores_the_base(tmp_path):
+    m = model()
+    base = {k: v.clone() for k, v in m.state_dict().items()}
+    one = load_adapter_file(write_peft_folder(tmp_path / "one", peft_lora(m, seed=8), 4, 4))
+    two = load_adapter_file(write_peft_folder(tmp_path / "two", peft_lora(m, seed=9), 4, 4))
+    assert ensure_adapters(m, [(one, 1.0)])
+    first = run_decoder(m)
+    assert not ensure_adapters(m, [(one, 1.0)])  # same set: no work
+    assert ensure_adapters(m, [(two, 0.5)])
+    with pytest.raises(ValueError, match="strength"):
+        ensure_adapters(m, [(one, float("nan"))])
+    assert ensure_adapters(m, [(one, 1.0)])
+    assert torch.equal(run_decoder(m), first)  # switching back gives the same weights
+    assert ensure_adapters(m, [])
+    assert all(torch.equal(base[k], v) for k, v in m.state_dict().items())

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -396,6 +397,26 @@ def apply_adapters(model: nn.Module, adapters: Sequence[tuple[Adapters15, float]
         _restore(entries)
         raise
     return LoraPatch(entries, signature(adapters))
+
+
+_APPLIED: "weakref.WeakKeyDictionary[nn.Module, LoraPatch]" = weakref.WeakKeyDictionary()
+
+
+def ensure_adapters(model: nn.Module, adapters: Sequence[tuple[Adapters15, float]]) -> bool:
+    """Make exactly `adapters` applied to `model` (one set per model, as a node re-run wants): nothing happens when
+    that set is already applied; otherwise the new set is checked, the old one removed (exact base weights) and the
+    new one applied. Returns whether the weights changed. An empty list (or all strengths 0) restores the base."""
+    wanted = signature(adapters)
+    current = _APPLIED.get(model)
+    if (current.signature if current is not None else ()) == wanted:
+        return False
+    _plan(model, adapters)  # a bad set raises here, before the applied one is touched
+    if current is not None:
+        current.remove()
+        del _APPLIED[model]
+    if wanted:
+        _APPLIED[model] = apply_adapters(model, adapters)
+    return True
 
 
 def decoder_keys_peft(model: nn.Module) -> list[str]:
