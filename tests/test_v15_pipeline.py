@@ -309,6 +309,16 @@ def test_interrupt_stops_the_run():
     with pytest.raises(P.Interrupted):
         P.text2music(b, "x", duration=1.0, interrupt=interrupt)
     assert len(calls) == 5
+    # during the VAE decode too (checked on every tile)
+    seen = []
+
+    def late():
+        if seen and seen[-1][0] == "vae_decode":
+            raise P.Interrupted("stop")
+
+    with pytest.raises(P.Interrupted):
+        P.text2music(b, "x", duration=1.0, interrupt=late, progress=lambda *a: seen.append(a))
+    assert seen[-1][0] == "vae_decode"
 
 
 def test_audio_input_preparation():

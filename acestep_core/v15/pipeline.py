@@ -550,15 +550,20 @@ def run(
         if interrupt is not None:
             interrupt()
 
+    def stage(name: str, done: int, total: int) -> None:  # VAE tiles: report, then honour the interrupt
+        if progress is not None:
+            progress(name, done, total)
+        check()
+
     check()
     states = encode_texts(bundle, prompts, non_cover=opts.audio_cover_strength < 1.0 and task == "cover")
     check()
-    refer_packed, refer_order = reference_timbre(bundle, references, seeds, progress)
+    refer_packed, refer_order = reference_timbre(bundle, references, seeds, stage)
     source_latents = hints = None
     if source is not None:
         check()
         g = torch.Generator("cpu").manual_seed(seeds[0])
-        source_latents = encode_audio(bundle, source, g, progress)
+        source_latents = encode_audio(bundle, source, g, stage)
     if codes is not None:
         model = bundle.model
         quantized = model.tokenizer.quantizer.get_output_from_indices(codes.unsqueeze(-1).to(bundle.device))
@@ -581,7 +586,7 @@ def run(
     audio = None
     if decode:
         check()
-        audio = decode_latents(bundle, latents, int(round(seconds * SAMPLE_RATE)), progress)
+        audio = decode_latents(bundle, latents, int(round(seconds * SAMPLE_RATE)), stage)
     return Result15(audio=audio, latents=latents, seeds=seeds, prompts=prompts)
 
 
