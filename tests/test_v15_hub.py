@@ -149,3 +149,27 @@ def test_resolve_errors(tmp_path):
 
     with pytest.raises(ModelDownloadError, match="put its files"):
         hub.resolve(MAIN_REPO, models_dir=tmp_path, snapshot_download=offline)
+
+
+def test_comfyui_split_files_load_a_working_bundle(tmp_path):
+    from acestep_core.v15.text_encoder import add_comfy_prefix
+    from acestep_core.v15.vae import to_comfyui_state_dict
+
+    b = bundle()
+    dit = tmp_path / "diffusion_models" / "acestep_v1.5_turbo.safetensors"
+    dit.parent.mkdir()
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in b.model.state_dict().items()}, str(dit))
+    vae = tmp_path / "ace_1.5_vae.safetensors"
+    save_file({k: v.contiguous() for k, v in to_comfyui_state_dict(b.vae.state_dict(), b.vae.config).items()},
+              str(vae))
+    text = tmp_path / "qwen_0.6b_ace15.safetensors"
+    save_file({k: v.contiguous() for k, v in add_comfy_prefix(b.text_encoder.model.state_dict()).items()}, str(text))
+    tok = tmp_path / "tokenizer"
+    b.text_encoder.tokenizer.save_pretrained(str(tok))
+    with pytest.raises(ValueError, match="tokenizer"):
+        hub.load_bundle15(dit, vae_path=vae, text_path=text)
+    loaded = hub.load_bundle15(dit, vae_path=vae, text_path=text, tokenizer_folder=tok)
+    assert loaded.variant == "turbo" and loaded.silence_latent.shape[2] == 8  # silence from the VAE (no file)
+    r = P.text2music(loaded, "folk", duration=1.0, seed=2)
+    assert torch.isfinite(r.audio).all() and r.audio.shape == (1, 2, P.SAMPLE_RATE)
+    assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in b.model.state_dict().items())
