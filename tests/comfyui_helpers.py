@@ -22,11 +22,14 @@ PACK_CLASSES = ("AceStepPackTransformer", "AceStepPackTextEncoder", "AceStepPack
 
 
 def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() == "true"
+    """True when the ComfyUI environment must be there: .ci/run sets ACESTEP_REQUIRE_COMFYUI=1 whenever it finds
+    ComfyUI beside the clone (../shared/comfyui, always the case in CI) and builds its environment."""
+    return os.environ.get("ACESTEP_REQUIRE_COMFYUI", "") == "1"
 
 
 def comfyui_mark():
-    """Skip without COMFYUI_DIR, except in CI (CI=true): there the tests run and `require_comfyui` fails them."""
+    """Skip without COMFYUI_DIR, except when required (ACESTEP_REQUIRE_COMFYUI=1, set by .ci/run when ComfyUI is
+    beside the clone): there the tests run and `require_comfyui` fails them."""
     return pytest.mark.skipif(
         not COMFYUI_DIR and not in_ci(),
         reason="set COMFYUI_DIR to a ComfyUI checkout (and COMFYUI_PYTHON to its interpreter) to run the "
@@ -35,9 +38,9 @@ def comfyui_mark():
 
 
 def require_comfyui() -> None:
-    """Fail (CI=true without a ComfyUI environment) instead of skipping."""
+    """Fail (ACESTEP_REQUIRE_COMFYUI=1 without a ComfyUI environment) instead of skipping."""
     if not COMFYUI_DIR:
-        pytest.fail("CI=true but COMFYUI_DIR is not set: .ci/run must build the ComfyUI environment and export "
+        pytest.fail("ACESTEP_REQUIRE_COMFYUI=1 but COMFYUI_DIR is not set: .ci/run must build the ComfyUI environment and export "
                     "COMFYUI_DIR and COMFYUI_PYTHON (see docs/comfyui.md)")
 
 

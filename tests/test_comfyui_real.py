@@ -1,7 +1,7 @@
 """The pack inside a real ComfyUI server: import, /object_info, and every API workflow run over HTTP + websocket.
 
-Runs when COMFYUI_DIR points to a ComfyUI checkout (see docs/comfyui.md); skipped without it, except under
-CI=true, where it fails. The server is started headless on
+Runs when COMFYUI_DIR points to a ComfyUI checkout (see docs/comfyui.md); skipped without it, except when
+ACESTEP_REQUIRE_COMFYUI=1 (.ci/run sets it whenever ComfyUI is beside the clone, as in CI), where it fails. The server is started headless on
 CPU, on 127.0.0.1 and a free port, with a temporary base directory holding the pack (symlinked into
 custom_nodes), the tiny checkpoint (models/ace_step), the tiny LoRA and untrained StemGen files (models/loras), a
 generated source.wav (input/) and a test-only memory probe node (tests/comfyui_helpers.py). COMFYUI_PYTHON names the interpreter that has ComfyUI's and the pack's requirements (default: this
