@@ -3,9 +3,14 @@ that survives running out of device memory, and low-VRAM offloading of idle comp
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import replace
+import os
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -27,11 +32,128 @@ def eager_options(options):
     return replace(options, **EAGER)
 
 
-def compile_blocks(transformer: nn.Module, *, mode: str | None = None) -> None:
-    """torch.compile each transformer block in place (state-dict names unchanged); a compiled block is kept."""
-    for block in transformer.transformer_blocks:
-        if getattr(block, "_compiled_call_impl", None) is None:
-            block.compile(mode=mode, dynamic=False)
+Notify = Callable[[str], None]
+"""`notify(text)`: a one-line status message (the CLI prints it, a node shows it as progress text)."""
+
+
+@dataclass(frozen=True)
+class Levers:
+    """The speed and memory switches a user reaches from the nodes and the command line (docs/memory-and-speed.md).
+
+    `cpu_offload` keeps every component in (pinned) CPU memory and moves each onto the device only for its phase
+    (text encoding, diffusion, DCAE + vocoder decode); `torch_compile` compiles the transformer blocks (the first
+    call pays the compile time; without a working compiler it falls back to eager with a warning);
+    `overlapped_decode` forces the official windowed decode (without it the single-pass decode is tried first and
+    the windowed one is the out-of-memory fallback). None of them changes the result beyond float rounding.
+    """
+
+    cpu_offload: bool = False
+    torch_compile: bool = False
+    overlapped_decode: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("cpu_offload", "torch_compile", "overlapped_decode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+
+def compiler_problem(device: torch.device | str) -> str | None:
+    """Why torch.compile cannot build kernels for `device` here (None when it can, as far as can be told)."""
+    device = torch.device(device)
+    try:
+        from torch import _dynamo
+    except Exception as error:  # pragma: no cover - depends on the PyTorch build
+        return f"this PyTorch has no torch.compile ({error})"
+    if not _dynamo.is_dynamo_supported():  # pragma: no cover - e.g. a Python newer than the PyTorch build
+        return f"torch.compile does not support Python {sys.version_info.major}.{sys.version_info.minor} in this PyTorch"
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            hint = "pip install triton-windows" if os.name == "nt" else "pip install triton"
+            return f"Triton (the GPU kernel compiler torch.compile needs) is not installed; {hint}"
+        return None
+    if device.type == "cpu":
+        names = (os.environ.get("CXX"), "cl") if os.name == "nt" else (os.environ.get("CXX"), "c++", "g++", "clang++")
+        if not any(name and shutil.which(name) for name in names):
+            what = "Visual Studio Build Tools (cl.exe)" if os.name == "nt" else "a C++ compiler (g++ or clang++)"
+            return f"torch.compile on the CPU needs {what}, and none was found on PATH"
+    return None
+
+
+_COMPILE_FAILURES = ("torch._dynamo", "torch._inductor")
+"""Modules whose exceptions mean "the compiler failed", not "the model failed": the guard falls back to eager."""
+
+
+def compile_blocks(transformer: nn.Module, *, mode: str | None = None, notify: Notify | None = None,
+                   device: torch.device | str | None = None, backend: str | Callable = "inductor") -> bool:
+    """torch.compile each transformer block in place (state-dict names unchanged); a compiled block is kept.
+
+    Returns whether the blocks are compiled. Without a usable compiler (`compiler_problem`) nothing is compiled
+    and a warning says why. If compiling still fails at the first call (a broken toolchain), every block goes
+    back to eager, the call is rerun eagerly and a warning names the error: a generation never dies of it.
+    `notify` hears "compiling ..." before the first compiled call and the time it took after it.
+    """
+    blocks = list(transformer.transformer_blocks)
+    if all(getattr(b, "_acestep_compiled", False) for b in blocks):
+        return True
+    problem = compiler_problem(device if device is not None else next(transformer.parameters()).device)
+    if problem is not None:
+        _fallback_warning(problem, notify)
+        return False
+    state = {"first": True, "announced": False, "failed": False, "seconds": 0.0}
+
+    def revert(error: BaseException) -> None:
+        state["failed"] = True
+        for b in blocks:
+            b._compiled_call_impl = None
+            b._acestep_compiled = False
+        _fallback_warning(f"compiling failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})", notify)
+
+    for index, block in enumerate(blocks):
+        block.compile(backend=backend, mode=mode, dynamic=False)
+        compiled = block._compiled_call_impl
+
+        def guarded(*args, _block=block, _compiled=compiled, _last=index == len(blocks) - 1, **kwargs):
+            if state["failed"]:
+                return _block._call_impl(*args, **kwargs)
+            started = time.perf_counter()
+            if not state["announced"] and notify is not None:
+                state["announced"] = True
+                notify("torch.compile: compiling the transformer blocks (first call only; can take a few minutes)")
+            try:
+                out = _compiled(*args, **kwargs)
+            except Exception as error:
+                if not type(error).__module__.startswith(_COMPILE_FAILURES):
+                    raise
+                revert(error)
+                return _block._call_impl(*args, **kwargs)
+            if state["first"]:
+                state["seconds"] += time.perf_counter() - started
+                if _last:
+                    state["first"] = False
+                    if notify is not None:
+                        notify(f"torch.compile: compiled in {state['seconds']:.1f} s")
+            return out
+
+        block._compiled_call_impl = guarded
+        block._acestep_compiled = True
+    return True
+
+
+def _fallback_warning(reason: str, notify: Notify | None) -> None:
+    text = f"torch.compile is off, running eager (same result, no speed-up): {reason}"
+    warnings.warn(text, RuntimeWarning, stacklevel=3)
+    if notify is not None:
+        notify(text)
+
+
+def decode(dcae: DCAE, vocoder: Vocoder, latents: Tensor, *, levers: Levers = Levers(),
+           sample_rate: int = SAMPLE_RATE, callback: Progress | None = None) -> Tensor:
+    """The decode of every entry point (CLI, Decode node, long form): `decode_with_fallback`, overlapped from the
+    start when `levers.overlapped_decode` asks for it (design §1, §6)."""
+    return decode_with_fallback(dcae, vocoder, latents, sample_rate=sample_rate, overlapped=levers.overlapped_decode,
+                                callback=callback)
 
 
 def free_device_memory(device: torch.device) -> None:
@@ -69,7 +191,8 @@ def decode_with_fallback(
                 raise torch.OutOfMemoryError(
                     f"decoding latents {list(latents.shape)} ran out of memory on {device} even with overlapped "
                     f"windows of {window_frames} latent frames; settings that fit: decode in low-VRAM mode "
-                    "(low_vram=True moves the transformer off the device first), decode one batch item at a time, "
+                    "(--cpu-offload, low_vram=True on the loader: the transformer leaves the device before decoding), "
+                    "decode one batch item at a time, "
                     "or move the DCAE and vocoder to the CPU (dcae.to('cpu'), vocoder.to('cpu'))"
                 ) from None
 
@@ -144,3 +267,47 @@ def module_tensors(module: nn.Module) -> list[Tensor]:
     for tensor in (*module.parameters(), *module.buffers()):
         seen.setdefault(id(tensor), tensor)
     return list(seen.values())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# low-VRAM mode on a loaded model (the AceStepModel of acestep_core.loading)
+
+
+def _components(model) -> tuple[nn.Module | None, ...]:
+    return model.text_encoder, model.transformer, model.dcae, model.vocoder
+
+
+def placement(model, cpu_offload: bool) -> Offloader | None:
+    """Put `model` in or out of low-VRAM mode; the Offloader its phases use, or None when it lives on its device.
+
+    In low-VRAM mode every component sits in (pinned) CPU memory and `phase` moves it onto `model.device` for one
+    phase only. The model remembers its mode, so a caller without the switch finds the weights back on the device
+    (moved once) instead of silently computing on the CPU.
+    """
+    device = torch.device(model.device)
+    offloader = Offloader(device)
+    parked = getattr(model, "_acestep_parked", False)
+    if not offloader.active:
+        return None
+    if cpu_offload and not parked:
+        offloader.park(*_components(model))
+        model._acestep_parked = True
+    elif not cpu_offload and parked:
+        for module in _components(model):
+            for tensor in module_tensors(module) if module is not None else ():
+                tensor.data = tensor.data.to(device)
+        model._acestep_parked = False
+    return offloader if cpu_offload else None
+
+
+def phase(offloader: Offloader | None, *modules: nn.Module | None):
+    """Context in which `modules` are on the compute device: a move-in with an Offloader, else nothing to do."""
+    return offloader.use(*modules) if offloader is not None else nullcontext()
+
+
+def prepare(model, levers: Levers, *, notify: Notify | None = None) -> Offloader | None:
+    """Apply the levers to a loaded model before a generation: low-VRAM placement, compiled transformer blocks."""
+    offloader = placement(model, levers.cpu_offload)
+    if levers.torch_compile and model.transformer is not None:
+        compile_blocks(model.transformer, notify=notify, device=model.device)
+    return offloader
