@@ -108,7 +108,9 @@ def compile_blocks(transformer: nn.Module, *, mode: str | None = None, notify: N
         for b in blocks:
             b._compiled_call_impl = None
             b._acestep_compiled = False
-        _fallback_warning(f"compiling failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})", notify)
+        root = getattr(error, "inner_exception", None) or error.__cause__ or error
+        lines = [line.strip() for line in str(root).splitlines() if line.strip()] or [""]
+        _fallback_warning(f"compiling failed ({type(root).__name__}: {lines[0][:200]})", notify)
 
     for index, block in enumerate(blocks):
         block.compile(backend=backend, mode=mode, dynamic=False)
@@ -126,8 +128,9 @@ def compile_blocks(transformer: nn.Module, *, mode: str | None = None, notify: N
             except Exception as error:
                 if not type(error).__module__.startswith(_COMPILE_FAILURES):
                     raise
+                out = _block._call_impl(*args, **kwargs)  # a model error raises here, as it would uncompiled
                 revert(error)
-                return _block._call_impl(*args, **kwargs)
+                return out
             if state["first"]:
                 state["seconds"] += time.perf_counter() - started
                 if _last:
