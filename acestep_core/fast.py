@@ -58,14 +58,15 @@ class Levers:
 
 
 def compiler_problem(device: torch.device | str) -> str | None:
-    """Why torch.compile cannot build kernels for `device` here (None when it can, as far as can be told)."""
+    """Why torch.compile cannot build kernels for `device` here (None when it can, as far as one can tell)."""
     device = torch.device(device)
     try:
         from torch import _dynamo
     except Exception as error:  # pragma: no cover - depends on the PyTorch build
         return f"this PyTorch has no torch.compile ({error})"
     if not _dynamo.is_dynamo_supported():  # pragma: no cover - e.g. a Python newer than the PyTorch build
-        return f"torch.compile does not support Python {sys.version_info.major}.{sys.version_info.minor} in this PyTorch"
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        return f"torch.compile does not support Python {version} in this PyTorch"
     if device.type == "cuda":
         from torch.utils._triton import has_triton
 
@@ -211,6 +212,7 @@ class Offloader:
         self.device = torch.device(device)
         self.home = torch.device(home)
         self.pin_memory = pin_memory and self.device.type == "cuda" and self.home.type == "cpu"
+        self._stack: list[list[tuple[dict, str, Tensor]]] = []  # the slots of each phase entered, outermost first
 
     @property
     def active(self) -> bool:
@@ -230,21 +232,39 @@ class Offloader:
 
     @contextmanager
     def use(self, *modules: nn.Module | None) -> Iterator[None]:
-        """Inside, `modules` hold device copies of their parameters and buffers; afterwards their own tensors again."""
-        saved: list[tuple[dict, str, Tensor]] = []
-        copies: dict[int, Tensor] = {}
-        for table, name, tensor in _tensor_slots(modules) if self.active else ():
-            if id(tensor) not in copies:
-                copies[id(tensor)] = self._copy(tensor)
-            saved.append((table, name, tensor))
-            table[name] = copies[id(tensor)]
+        """Inside, `modules` hold device copies of their parameters and buffers; afterwards their own tensors again.
+
+        Phases nest one at a time: entering an inner phase sends the outer phase's modules home first and brings
+        them back after it (e.g. long-form decodes each window inside the diffusion phase), so only the running
+        phase's modules are ever on the device.
+        """
+        slots = [(table, name, tensor) for table, name, tensor in _tensor_slots(modules)] if self.active else []
+        stack = self._stack
+        outer = [slot for frame in stack for slot in frame]
+        self._send_home(outer)
+        self._bring_in(slots)
+        stack.append(slots)
         try:
             yield
         finally:
-            for table, name, tensor in reversed(saved):
-                table[name] = tensor
-            if saved and self.device.type == "cuda":
+            stack.pop()
+            self._send_home(slots)
+            self._bring_in(outer)
+            if slots and self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+    def _bring_in(self, slots: list[tuple[dict, str, Tensor]]) -> None:
+        """Put device copies of the home tensors of `slots` in their places (tied tensors copied once)."""
+        copies: dict[int, Tensor] = {}
+        for table, name, tensor in slots:
+            if id(tensor) not in copies:
+                copies[id(tensor)] = self._copy(tensor)
+            table[name] = copies[id(tensor)]
+
+    @staticmethod
+    def _send_home(slots: list[tuple[dict, str, Tensor]]) -> None:
+        for table, name, tensor in reversed(slots):
+            table[name] = tensor
 
     def _copy(self, tensor: Tensor) -> Tensor:
         """A device copy of a parameter (as a parameter) or buffer."""
@@ -288,7 +308,10 @@ def placement(model, cpu_offload: bool) -> Offloader | None:
     (moved once) instead of silently computing on the CPU.
     """
     device = torch.device(model.device)
-    offloader = Offloader(device)
+    offloader = getattr(model, "_acestep_offloader", None)
+    if offloader is None or offloader.device != device:
+        offloader = Offloader(device)
+        model._acestep_offloader = offloader
     parked = getattr(model, "_acestep_parked", False)
     if not offloader.active:
         return None

@@ -135,7 +135,13 @@ def test_placement_parks_and_restores_on_a_separate_device(model):
         assert all(p.is_meta for p in shell.transformer.parameters())
         assert all(p.device.type == "cpu" for p in shell.text_encoder.parameters())
     assert all(p.device.type == "cpu" for p in shell.transformer.parameters())
-    assert all(p.device.type == "cpu" for p in shell.transformer.parameters())
+    with fast.phase(offloader, shell.transformer):
+        with fast.phase(offloader, shell.vocoder):  # e.g. long form decoding a window inside diffusion
+            assert all(p.is_meta for p in shell.vocoder.parameters())
+            assert all(p.device.type == "cpu" for p in shell.transformer.parameters()), "the outer phase waits home"
+        assert all(p.is_meta for p in shell.transformer.parameters())
+        assert all(p.device.type == "cpu" for p in shell.vocoder.parameters())
+    assert all(p.device.type == "cpu" for m in (shell.transformer, shell.vocoder) for p in m.parameters())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -242,7 +248,8 @@ def test_official_flag_names_are_aliases():
         fast.Levers(cpu_offload=True, overlapped_decode=True)
     assert _settings("--bf16")[1] == "bf16" and _settings("--bf16", "false")[1] == "fp32"
     assert _settings("--bf16", "true", "--dtype", "bf16")[1] == "bf16"
-    assert _settings("--device_id", "1")[0] == "cuda:1" and _settings("--device", "cuda", "--device_id", "0")[0] == "cuda:0"
+    assert _settings("--device_id", "1")[0] == "cuda:1"
+    assert _settings("--device", "cuda", "--device_id", "0")[0] == "cuda:0"
 
 
 def test_clashing_aliases_are_refused():
