@@ -15,7 +15,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from .audio import OVERLAP_WINDOW_FRAMES, SAMPLE_RATE, Progress, decode_latents
+from . import audio
+from .audio import OVERLAP_WINDOW_FRAMES, SAMPLE_RATE, Progress
 from .models.dcae import DCAE
 from .models.vocoder import Vocoder
 
@@ -183,8 +184,8 @@ def decode_with_fallback(
     device = next(dcae.parameters()).device
     while True:
         try:
-            return decode_latents(dcae, vocoder, latents, sample_rate=sample_rate, overlapped=overlapped,
-                                  window_frames=window_frames, callback=callback)
+            return audio.decode_latents(dcae, vocoder, latents, sample_rate=sample_rate, overlapped=overlapped,
+                                        window_frames=window_frames, callback=callback)
         except torch.OutOfMemoryError:
             free_device_memory(device)
             if not overlapped:
@@ -307,23 +308,36 @@ def placement(model, cpu_offload: bool) -> Offloader | None:
     phase only. The model remembers its mode, so a caller without the switch finds the weights back on the device
     (moved once) instead of silently computing on the CPU.
     """
+    parked = getattr(model, "_acestep_parked", False)
+    if not cpu_offload and not parked:
+        return None
     device = torch.device(model.device)
     offloader = getattr(model, "_acestep_offloader", None)
     if offloader is None or offloader.device != device:
         offloader = Offloader(device)
         model._acestep_offloader = offloader
-    parked = getattr(model, "_acestep_parked", False)
     if not offloader.active:
         return None
     if cpu_offload and not parked:
         offloader.park(*_components(model))
+        for module in _components(model):
+            if module is not None:
+                module._acestep_device = device
         model._acestep_parked = True
     elif not cpu_offload and parked:
         for module in _components(model):
             for tensor in module_tensors(module) if module is not None else ():
                 tensor.data = tensor.data.to(device)
+            if module is not None:
+                module.__dict__.pop("_acestep_device", None)
         model._acestep_parked = False
     return offloader if cpu_offload else None
+
+
+def compute_device(module: nn.Module) -> torch.device:
+    """Where `module` computes: its parameters' device, or in low-VRAM mode the device its phases move it to
+    (noise generators are made there, so a seed gives the same song with and without low-VRAM mode)."""
+    return getattr(module, "_acestep_device", None) or next(module.parameters()).device
 
 
 def phase(offloader: Offloader | None, *modules: nn.Module | None):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ..acestep_core import fast
 from ..acestep_core.loading import ALL_COMPONENTS, DEFAULT_REPO, download_repo
 from . import bridge, files
 from .model import DEVICES, DTYPES, LoraEntry, ModelHandle, choose_device, choose_dtype, make_key, model_for, read_lora
@@ -59,6 +60,17 @@ class AceStepLoader:
                     "tooltip": f"Optional Hugging Face repo id (e.g. {DEFAULT_REPO}); downloaded once into "
                                "models/ace_step/<name> and used instead of checkpoint. Leave empty to use checkpoint.",
                 }),
+                "low_vram": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Low VRAM: keep the model in CPU memory and move each part to the GPU only while it "
+                               "runs (text encoder, transformer, audio decoder). A 240 s song then needs under 8 GB "
+                               "of GPU memory; each node pays a few seconds of copying.",
+                }),
+                "torch_compile": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Compile the transformer with torch.compile: faster sampling after a slow first run "
+                               "(minutes). Needs Triton on a GPU; without a compiler it runs uncompiled and says so.",
+                }),
             },
         }
 
@@ -68,12 +80,14 @@ class AceStepLoader:
             return True
         return f"checkpoint {checkpoint!r} is not in models/ace_step or models/checkpoints; pick one or set repo_id"
 
-    def load(self, checkpoint: str, dtype: str, device: str, repo_id: str = ""):
+    def load(self, checkpoint: str, dtype: str, device: str, repo_id: str = "", low_vram: bool = False,
+             torch_compile: bool = False):
         target = choose_device(device)
         repo_id = (repo_id or "").strip()
         path = repo_path(repo_id) if repo_id else files.resolve("checkpoint", checkpoint, files.checkpoints())
-        handle = ModelHandle(make_key(path, choose_dtype(dtype, target), target))
-        model_for(handle)
+        levers = fast.Levers(cpu_offload=bool(low_vram), torch_compile=bool(torch_compile))
+        handle = ModelHandle(make_key(path, choose_dtype(dtype, target), target), levers=levers)
+        fast.placement(model_for(handle), levers.cpu_offload)  # low VRAM: off the GPU until a node needs a part
         return (handle,)
 
 

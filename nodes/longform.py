@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from ..acestep_core import longform, tasks
+from ..acestep_core import fast, longform, tasks
 from ..acestep_core.lyric_timing import to_lrc
 from ..acestep_core.noise import MAX_SEED, SeededNoise
 from ..acestep_core.sampling.denoiser import CFG_TYPES, GuidanceConfig
 from . import bridge, wire
-from .model import ModelHandle, model_for, transformer_for
+from .model import ModelHandle, model_for, on_device, transformer_for
 from .wire import CATEGORY, COND, MODEL, OPTIONS
 
 GUIDANCE = GuidanceConfig()
@@ -113,13 +113,19 @@ class AceStepLongForm:
         transformer = transformer_for(model)
         loaded = model_for(model)
         p = next(transformer.parameters())
-        noise = SeededNoise([int(seed)], [(int(seed) + 1) % (MAX_SEED + 1)], p.device, p.dtype)
+        noise = SeededNoise([int(seed)], [(int(seed) + 1) % (MAX_SEED + 1)], fast.compute_device(transformer), p.dtype)
         progress = bridge.Progress(int(steps))
-        song = longform.generate_long(
-            loaded, cond, float(seconds), noise=noise, window_seconds=float(window_seconds),
-            overlap_seconds=float(overlap_seconds), options=settings, sample_rate=int(sample_rate),
-            crossfade=crossfade, timing=bool(lyric_timing), callback=progress.update,
-        )
+
+        def decode(z):  # low VRAM: the decoder's own phase, the transformer waits in CPU memory meanwhile
+            with on_device(model, loaded.dcae, loaded.vocoder):
+                return longform.decode_window(loaded, z)
+
+        with on_device(model, transformer):
+            song = longform.generate_long(
+                loaded, cond, float(seconds), noise=noise, window_seconds=float(window_seconds),
+                overlap_seconds=float(overlap_seconds), options=settings, sample_rate=int(sample_rate),
+                crossfade=crossfade, timing=bool(lyric_timing), decode=decode, callback=progress.update,
+            )
         plan = "\n\n".join(
             f"# window {i + 1}: {wire.frames_to_seconds(w.start):.1f}-{wire.frames_to_seconds(w.end):.1f} s\n"
             + (text if text.strip() else "(instrumental)")

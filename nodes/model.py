@@ -8,11 +8,12 @@ sampling.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from ..acestep_core import fast
 from ..acestep_core.loading import AceStepModel, load_acestep
 from ..acestep_core.lora import LoraWeights, ensure_loras, load_lora_file
 from . import bridge
@@ -38,10 +39,11 @@ class ModelHandle:
 
     key: ModelKey
     loras: tuple[LoraEntry, ...] = ()
+    levers: fast.Levers = fast.Levers()  # the loader's low_vram / torch_compile switches
 
     def with_lora(self, entry: LoraEntry) -> ModelHandle:
         """A new handle with `entry` stacked on top (this one is unchanged)."""
-        return ModelHandle(self.key, self.loras + (entry,))
+        return replace(self, loras=self.loras + (entry,))
 
 
 def choose_device(device: str) -> torch.device:
@@ -105,6 +107,14 @@ def transformer_for(handle: ModelHandle) -> torch.nn.Module:
     pairs = [(entry.weights, entry.strength) for entry in handle.loras]
     ensure_loras(model.transformer, pairs, honour_alpha=bool(modes and modes.pop()))
     return model.transformer
+
+
+def on_device(handle: ModelHandle, *modules: torch.nn.Module | None):
+    """Context for a node's work with `modules` of the handle's model: in low-VRAM mode (the loader's low_vram)
+    every component waits in CPU memory and only these are moved onto the device until the context ends; with
+    torch_compile the transformer blocks are compiled (the first call shows its cost as progress text)."""
+    model = model_for(handle)
+    return fast.phase(fast.prepare(model, handle.levers, notify=bridge.progress_text), *modules)
 
 
 @functools.lru_cache(maxsize=8)

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from ..acestep_core import tasks
+from ..acestep_core import fast, tasks
 from ..acestep_core.noise import MAX_SEED, SeededNoise
 from ..acestep_core.sampling.denoiser import CFG_TYPES, GuidanceConfig
 from ..acestep_core.validation import MemorySettings, call_explaining_oom
 from . import bridge, timing, wire
-from .model import ModelHandle, transformer_for
+from .model import ModelHandle, on_device, transformer_for
 from .wire import CATEGORY, COND, MODEL, OPTIONS
 
 GUIDANCE = GuidanceConfig()
@@ -37,7 +37,8 @@ RUNNERS = {
 def _noise(transformer, latent: dict, batch: int, seed: int, retake_seed: int) -> SeededNoise:
     """Official per-item generators on the model's device, in the model's dtype (design §7.9)."""
     p = next(transformer.parameters())
-    return SeededNoise(wire.seeds_for(seed, latent, batch), wire.seeds_for(retake_seed, latent, batch), p.device, p.dtype)
+    device = fast.compute_device(transformer)
+    return SeededNoise(wire.seeds_for(seed, latent, batch), wire.seeds_for(retake_seed, latent, batch), device, p.dtype)
 
 
 class AceStepSampler:
@@ -124,7 +125,7 @@ class AceStepSampler:
         progress = bridge.Progress(steps)
         frames = source.shape[-1] + int(mark.get("left_frames", 0)) + int(mark.get("right_frames", 0))
         memory = _memory_settings("sampling", transformer, frames, source.shape[0], settings.batch_branches)
-        with torch.no_grad():
+        with torch.no_grad(), on_device(model, transformer):
             out, collected = timing.sample_collecting(collect_lyric_timing, transformer, cond, lambda: call_explaining_oom(
                 lambda: RUNNERS[task](transformer, cond, source, mark, batch_size=source.shape[0], options=settings,
                                       noise=noise, callback=progress.step_callback()),
@@ -140,7 +141,8 @@ class AceStepSampler:
 def _memory_settings(stage: str, transformer, frames: int, batch: int, batch_branches: bool) -> MemorySettings:
     """What an out-of-memory message needs to suggest settings that would fit."""
     p = next(transformer.parameters())
-    return MemorySettings(stage, wire.frames_to_seconds(frames), batch, p.dtype, p.device, batch_branches)
+    return MemorySettings(stage, wire.frames_to_seconds(frames), batch, p.dtype, fast.compute_device(transformer),
+                          batch_branches)
 
 
 class AceStepSamplerOptions:
@@ -298,7 +300,7 @@ class AceStepFlowEdit:
         noise = _noise(transformer, latent, source.shape[0], seed, seed)
         progress = bridge.Progress(steps)
         memory = _memory_settings("editing", transformer, source.shape[-1], source.shape[0], options.batch_branches)
-        with torch.no_grad():
+        with torch.no_grad(), on_device(model, transformer):
             out, collected = timing.sample_collecting(collect_lyric_timing, transformer, tgt, lambda: call_explaining_oom(
                 lambda: tasks.flow_edit(transformer, src, tgt, source, edit=edit, batch_size=source.shape[0],
                                         options=options, noise=noise, callback=progress.step_callback()),

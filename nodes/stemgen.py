@@ -12,8 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..acestep_core import audio as codec
-from ..acestep_core import tasks
+from ..acestep_core import fast, tasks
 from ..acestep_core.conditioning import encode_conditioning
 from ..acestep_core.noise import MAX_SEED, SeededNoise
 from ..acestep_core.sampling.denoiser import CFG_TYPES, GuidanceConfig
@@ -21,7 +20,7 @@ from ..acestep_core.stemgen.control import StemGenControl
 from ..acestep_core.stemgen.generate import encode_reference, generate_latent, instrument_timbre, mix_with_reference
 from ..acestep_core.stemgen.weights import StemGenWeights, is_stemgen_file, load_stemgen
 from . import bridge, files, wire
-from .model import LoraEntry, ModelHandle, model_for, transformer_for
+from .model import LoraEntry, ModelHandle, model_for, on_device, transformer_for
 from .wire import CATEGORY, MODEL, OPTIONS
 
 STEMGEN = "ACESTEP_STEMGEN"
@@ -137,20 +136,25 @@ def _generate(task: str, model: ModelHandle, stemgen: StemGenWeights, reference:
     transformer = transformer_for(handle)
     control = control_for(stemgen, transformer)
     progress = bridge.Progress(steps)
-    with torch.no_grad():
-        cond = encode_conditioning(loaded, tags, "", erg_tag=settings.guidance.use_erg_tag)
-        latent_ref = encode_reference(loaded, waveform, rate)
-        timbre = None
-        if instrument_audio is not None:
-            timbre = instrument_timbre(loaded, *wire.check_audio(instrument_audio, "instrument_audio"))
+    codec_parts = (loaded.dcae, loaded.vocoder)
+    with torch.no_grad():  # each part on the device only for its phase in low-VRAM mode (the loader's low_vram)
+        with on_device(handle, loaded.text_encoder):
+            cond = encode_conditioning(loaded, tags, "", erg_tag=settings.guidance.use_erg_tag)
+        with on_device(handle, *codec_parts):
+            latent_ref = encode_reference(loaded, waveform, rate)
+            timbre = None
+            if instrument_audio is not None:
+                timbre = instrument_timbre(loaded, *wire.check_audio(instrument_audio, "instrument_audio"))
         batch = latent_ref.shape[0]
         parameter = next(transformer.parameters())
-        noise = SeededNoise(wire.seeds_for(seed, {}, batch), wire.seeds_for(seed, {}, batch), parameter.device,
-                            parameter.dtype)
-        latent = generate_latent(transformer, control, cond, latent_ref, timbre=timbre,
-                                 control_scale=float(control_scale), options=settings, noise=noise,
-                                 callback=progress.step_callback())
-        part = codec.decode_latents(loaded.dcae, loaded.vocoder, latent, sample_rate=int(sample_rate)).float()
+        noise = SeededNoise(wire.seeds_for(seed, {}, batch), wire.seeds_for(seed, {}, batch),
+                            fast.compute_device(transformer), parameter.dtype)
+        with on_device(handle, transformer, control):
+            latent = generate_latent(transformer, control, cond, latent_ref, timbre=timbre,
+                                     control_scale=float(control_scale), options=settings, noise=noise,
+                                     callback=progress.step_callback())
+        with on_device(handle, *codec_parts):
+            part = fast.decode(loaded.dcae, loaded.vocoder, latent, sample_rate=int(sample_rate)).float()
         mix = mix_with_reference(waveform, rate, part, int(sample_rate))
     out_rate = int(sample_rate)
     return ({"waveform": part.cpu(), "sample_rate": out_rate}, {"waveform": mix.cpu(), "sample_rate": out_rate})
