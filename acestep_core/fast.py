@@ -92,21 +92,26 @@ def compile_blocks(transformer: nn.Module, *, mode: str | None = None, notify: N
     """torch.compile each transformer block in place (state-dict names unchanged); a compiled block is kept.
 
     Returns whether the blocks are compiled. Without a usable compiler (`compiler_problem`) nothing is compiled
-    and a warning says why. If compiling still fails at the first call (a broken toolchain), every block goes
-    back to eager, the call is rerun eagerly and a warning names the error: a generation never dies of it.
+    and a warning says why (once per transformer). If compiling still fails at the first call (a broken
+    toolchain), every block goes back to eager, the call is rerun eagerly and a warning names the error: a
+    generation never dies of it.
     `notify` hears "compiling ..." before the first compiled call and the time it took after it.
     """
     blocks = list(transformer.transformer_blocks)
     if all(getattr(b, "_acestep_compiled", False) for b in blocks):
         return True
+    if getattr(transformer, "_acestep_compile_failed", False):
+        return False  # said once already; every later call runs eager quietly
     problem = compiler_problem(device if device is not None else next(transformer.parameters()).device)
     if problem is not None:
+        transformer._acestep_compile_failed = True
         _fallback_warning(problem, notify)
         return False
     state = {"first": True, "announced": False, "failed": False, "seconds": 0.0}
 
     def revert(error: BaseException) -> None:
         state["failed"] = True
+        transformer._acestep_compile_failed = True
         for b in blocks:
             b._compiled_call_impl = None
             b._acestep_compiled = False

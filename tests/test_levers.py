@@ -208,6 +208,9 @@ def test_compile_failing_at_the_first_call_falls_back_to_eager():
     assert len(texts) == 1 and "running eager" in texts[0] and "cl.exe not found" in texts[0]
     assert any("running eager" in m for m in messages)
     assert all(b._compiled_call_impl is None for b in net.transformer_blocks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not fast.compile_blocks(net, backend=broken_backend), "no second attempt, no second warning"
 
 
 def test_model_errors_inside_compiled_blocks_are_not_swallowed():
