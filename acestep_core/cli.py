@@ -169,8 +169,11 @@ def generate_command(args: argparse.Namespace) -> int:
     device_name, dtype_name, levers = speed_settings(args)
     device, dtype = _device_and_dtype(device_name, dtype_name)
     t0 = time.perf_counter()
-    model = load_acestep(args.checkpoint, dtype=dtype, device=device, models_dir=args.models_dir,
-                         lyric_vocab=args.lyric_vocab)
+    # --cpu-offload: the weights are read straight into CPU memory (never all on the GPU at once); the model
+    # still computes on `device`, one phase at a time (acestep_core.fast.placement)
+    model = load_acestep(args.checkpoint, dtype=dtype, device="cpu" if levers.cpu_offload else device,
+                         models_dir=args.models_dir, lyric_vocab=args.lyric_vocab)
+    model.device = device
     loras = []
     for spec in args.lora:
         path, _, strength = spec.rpartition(":") if spec.rpartition(":")[2].replace(".", "", 1).lstrip("-").isdigit() \
