@@ -79,20 +79,32 @@ def _weights_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in files)
 
 
-def _load(key: ModelKey) -> AceStepModel:
-    """Load every component of a checkpoint, with a progress bar over the components."""
+def _load(key: ModelKey, in_cpu_memory: bool = False) -> AceStepModel:
+    """Load every component of a checkpoint, with a progress bar over the components.
+
+    `in_cpu_memory` (the loader's low_vram): the weights are read into CPU memory and stay there (low-VRAM mode,
+    acestep_core.fast.placement), so the whole model is never on the GPU at once, not even while loading.
+    """
     device = torch.device(key.device)
-    bridge.free_memory(_weights_bytes(Path(key.path)), device)
+    if not in_cpu_memory:
+        bridge.free_memory(_weights_bytes(Path(key.path)), device)
     progress = bridge.Progress(4)
-    return load_acestep(
-        key.path, dtype=key.dtype, device=device, progress=lambda name, done, total: progress.update(done, total)
+    model = load_acestep(
+        key.path, dtype=key.dtype, device="cpu" if in_cpu_memory else device,
+        progress=lambda name, done, total: progress.update(done, total),
     )
+    if in_cpu_memory:
+        model.device = device
+        fast.placement(model, True)
+    return model
 
 
 def model_for(handle: ModelHandle) -> AceStepModel:
     """The loaded model of a handle (loaded again if the cache dropped it)."""
     if not isinstance(handle, ModelHandle):
         raise ValueError(f"model must come from the ACE-Step Loader node, got {type(handle).__name__}")
+    if handle.levers.cpu_offload:
+        return MODELS.get(handle.key, lambda: _load(handle.key, in_cpu_memory=True))
     return MODELS.get(handle.key, lambda: _load(handle.key))
 
 

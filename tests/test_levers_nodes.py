@@ -117,3 +117,19 @@ def test_decode_node_falls_back_to_windows_on_out_of_memory(monkeypatch):
     torch.testing.assert_close(decoded["waveform"], expected, atol=0, rtol=0)
     n = min(forced["waveform"].shape[-1], decoded["waveform"].shape[-1])
     assert forced["waveform"].shape[-1] == 40 * 4096 and n == 40 * 4096
+
+
+def test_low_vram_loads_into_cpu_memory_and_never_onto_the_device(monkeypatch):
+    """A low_vram load reads the weights into CPU memory and leaves them there (here "meta" plays the GPU)."""
+    freed: list[int] = []
+    monkeypatch.setattr(bridge, "free_memory", lambda num_bytes, device: freed.append(num_bytes))
+    cache = sys.modules[f"{pack.__name__}.nodes.cache"]
+    key = cache.ModelKey(str((TINY / "acestep-v1-tiny").resolve()), "float32", "meta")
+    model = model_mod._load(key, in_cpu_memory=True)
+    assert model.device == torch.device("meta") and model._acestep_parked and not freed
+    for part in (model.text_encoder, model.transformer, model.dcae, model.vocoder):
+        assert all(t.device.type == "cpu" for t in fast.module_tensors(part))
+        assert fast.compute_device(part) == torch.device("meta")
+    with fast.phase(fast.placement(model, True), model.dcae):
+        assert all(t.is_meta for t in fast.module_tensors(model.dcae))
+        assert all(t.device.type == "cpu" for t in fast.module_tensors(model.transformer))
