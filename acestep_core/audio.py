@@ -9,16 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .latent import (  # noqa: F401  (the latent format and its conversions, re-exported for callers)
+    FRAMES_PER_LATENT, HOP, LATENT_RATE, SAMPLE_RATE, SAMPLES_PER_LATENT, latent_frames_for_samples,
+    latent_frames_to_seconds, seconds_to_latent_frames,
+)
 from .models.dcae import DCAE
 from .models.vocoder import LogMelSpectrogram, Vocoder
 
-SAMPLE_RATE = 44100
-"""Rate of the DCAE mel front end and of the vocoder output (design §1)."""
-HOP = 512
-FRAMES_PER_LATENT = 8
-SAMPLES_PER_LATENT = HOP * FRAMES_PER_LATENT
-LATENT_RATE = SAMPLE_RATE / SAMPLES_PER_LATENT
-"""Latent frames per second: 10.7666015625 (design §1)."""
 SCALE = 0.1786
 SHIFT = -1.9091
 """Latent normalisation `z = (e − SHIFT)·SCALE` (design §1)."""
@@ -44,25 +41,6 @@ CROSSFADE_SAMPLES = 128
 
 Progress = Callable[[int, int], None]
 """`callback(done, total)`, called after each chunk of work (used for progress and interruption)."""
-
-
-def seconds_to_latent_frames(seconds: float) -> int:
-    """Latent length for a duration: `int(seconds·44100/512/8)` (floor), design §1."""
-    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"seconds must be a finite number >= 0, got {seconds!r}")
-    return int(seconds * SAMPLE_RATE / HOP / FRAMES_PER_LATENT)
-
-
-def latent_frames_to_seconds(frames: int) -> float:
-    """Duration of `frames` latent frames: `frames·4096/44100` seconds, design §1."""
-    if not isinstance(frames, int) or frames < 0:
-        raise ValueError(f"frames must be an int >= 0, got {frames!r}")
-    return frames * SAMPLES_PER_LATENT / SAMPLE_RATE
-
-
-def latent_frames_for_samples(num_samples: int) -> int:
-    """Latent length that encoding `num_samples` samples at 44.1 kHz gives: `ceil(L/4096)`, design §1."""
-    return -(-num_samples // SAMPLES_PER_LATENT)
 
 
 def _check_rate(name: str, rate: object) -> int:

@@ -10,8 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+from . import cli_app, cli_tasks
 from .loading import DEFAULT_REPO
-from .sampling.denoiser import GuidanceConfig
+from .params import app_default
+from .sampling.denoiser import CFG_TYPES, GuidanceConfig
+from .sampling.samplers import SCHEDULERS
 
 DTYPES = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -24,52 +27,69 @@ def _text(value: str | None) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .pipeline import TASKS, Request
+
+    d = Request()  # every sampling and edit default is stated once, in the dataclasses (pipeline.Request)
+    gd = d.guidance
     parser = argparse.ArgumentParser(prog="python -m acestep_core", description="ACE-Step v1 music generation")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="make a song (or edit one) and write it to a file")
-    g.add_argument("--tags", required=True, help="style description, e.g. 'pop, piano, female vocal, 100 bpm' (or @file)")
+    g.add_argument("--tags", default=None,
+                   help="style description, e.g. 'pop, piano, female vocal, 100 bpm' (or @file); stemgen: the instrument")
     g.add_argument("--lyrics", default="", help="lyrics with [verse]/[chorus] tags; empty = instrumental (or @file)")
-    g.add_argument("--duration", type=float, default=60.0, help="seconds of music (at most 240)")
-    g.add_argument("--out", default="song.wav", help="output file (.wav or .flac); a batch adds _1, _2, ...")
+    g.add_argument("--duration", type=float, default=app_default("audio_duration"),
+                   help="seconds of music; -1 (the app's default) = random 30-240 s")
+    g.add_argument("--out", default="song.wav",
+                   help="output file: .wav (32-bit float), .flac, .mp3 or .ogg (the app's formats); a batch adds "
+                        "_1, _2, ...; <out>_input_params.json is written beside each file")
     g.add_argument("--checkpoint", default=DEFAULT_REPO,
                    help="HF folder, ComfyUI all-in-one .safetensors, or Hugging Face repo id (downloaded when missing)")
     g.add_argument("--models-dir", default="models", help="where a repo id is downloaded to")
     g.add_argument("--lyric-vocab", default=None, help="path of the lyric vocab.json (else found automatically)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="auto = bf16 on GPU, fp32 on CPU")
-    g.add_argument("--task", default="text2music", choices=["text2music", "retake", "repaint", "extend", "edit", "audio2audio"])
-    g.add_argument("--steps", type=int, default=60, help="sampling steps (27 is fast, 60 the official default)")
-    g.add_argument("--scheduler", default="euler", choices=["euler", "heun", "pingpong"])
-    g.add_argument("--cfg-type", default="apg", choices=["apg", "cfg", "cfg_star"])
-    g.add_argument("--guidance-scale", type=float, default=15.0)
-    g.add_argument("--guidance-interval", type=float, default=0.5)
-    g.add_argument("--guidance-interval-decay", type=float, default=0.0)
-    g.add_argument("--min-guidance-scale", type=float, default=3.0)
-    g.add_argument("--guidance-scale-text", type=float, default=0.0)
-    g.add_argument("--guidance-scale-lyric", type=float, default=0.0)
-    g.add_argument("--omega-scale", type=float, default=10.0)
+    g.add_argument("--task", default=d.task, choices=[*TASKS, *cli_tasks.STEM_TASKS],
+                   help="stemgen / singing2accompaniment take --src-audio (the track or the vocal) and --stemgen; "
+                        "stemgen's --tags name the instrument")
+    g.add_argument("--steps", type=int, default=d.infer_step, help="sampling steps (27 is fast, 60 the official default)")
+    g.add_argument("--scheduler", default=d.scheduler_type, choices=list(SCHEDULERS))
+    g.add_argument("--cfg-type", default=gd.cfg_type, choices=list(CFG_TYPES))
+    g.add_argument("--guidance-scale", type=float, default=gd.guidance_scale)
+    g.add_argument("--guidance-interval", type=float, default=gd.guidance_interval)
+    g.add_argument("--guidance-interval-decay", type=float, default=gd.guidance_interval_decay)
+    g.add_argument("--min-guidance-scale", type=float, default=gd.min_guidance_scale)
+    g.add_argument("--guidance-scale-text", type=float, default=gd.guidance_scale_text)
+    g.add_argument("--guidance-scale-lyric", type=float, default=gd.guidance_scale_lyric)
+    g.add_argument("--omega-scale", type=float, default=gd.omega_scale)
     g.add_argument("--no-erg-tag", action="store_true")
     g.add_argument("--no-erg-lyric", action="store_true")
     g.add_argument("--no-erg-diffusion", action="store_true")
     g.add_argument("--oss-steps", default="", help="custom step list, e.g. '16,29,52,...' (euler/pingpong)")
-    g.add_argument("--seed", type=int, default=None, help="seed (random when omitted); batch items use seed, seed+1, ...")
-    g.add_argument("--retake-seed", type=int, default=None)
-    g.add_argument("--batch-size", type=int, default=1)
-    g.add_argument("--variance", type=float, default=0.5, help="retake / repaint variance (0..1)")
+    g.add_argument("--seed", default=None,
+                   help="seed, or one per batch item as the app's manual seeds ('1,2,3,4', which alone sets "
+                        "--batch-size); one seed gives item i seed+i; random when omitted")
+    g.add_argument("--retake-seed", default=None, help="retake / repaint / extend / edit seed(s), as --seed")
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--variance", type=float, default=None,
+                   help="retake / repaint / extend variance (0..1); default the app's: retake and repaint 0.2, "
+                        "extend 1.0")
     g.add_argument("--src-audio", default=None, help="source audio for repaint / extend / edit")
     g.add_argument("--ref-audio", default=None, help="reference audio for audio2audio")
-    g.add_argument("--ref-strength", type=float, default=0.5)
-    g.add_argument("--repaint-start", type=float, default=0.0, help="seconds; negative extends to the left")
-    g.add_argument("--repaint-end", type=float, default=0.0, help="seconds; past the source extends to the right")
-    g.add_argument("--edit-tags", default="", help="target tags for edit")
-    g.add_argument("--edit-lyrics", default="", help="target lyrics for edit (or @file)")
-    g.add_argument("--edit-n-min", type=float, default=0.6)
-    g.add_argument("--edit-n-max", type=float, default=1.0)
-    g.add_argument("--edit-n-avg", type=int, default=1)
+    g.add_argument("--ref-strength", type=float, default=d.ref_audio_strength)
+    g.add_argument("--repaint-start", type=float, default=d.repaint_start, help="seconds; negative extends to the left")
+    g.add_argument("--repaint-end", type=float, default=d.repaint_end, help="seconds; past the source extends to the right")
+    g.add_argument("--edit-tags", default="", help="target tags for edit (empty = the source's --tags, as the app)")
+    g.add_argument("--edit-lyrics", default="",
+                   help="target lyrics for edit (or @file; empty = the source's --lyrics, as the app)")
+    g.add_argument("--edit-n-min", type=float, default=app_default("edit_n_min"))
+    g.add_argument("--edit-n-max", type=float, default=d.edit_n_max)
+    g.add_argument("--edit-n-avg", type=int, default=d.edit_n_avg)
     g.add_argument("--lora", action="append", default=[], help="LoRA file or folder, optionally PATH:STRENGTH")
-    g.add_argument("--sample-rate", type=int, default=48000, choices=[44100, 48000],
+    g.add_argument("--sample-rate", type=int, default=app_default("sample_rate"), choices=[44100, 48000],
                    help="44100 = the model's rate, 48000 = what the official app saves")
     add_speed_arguments(g)
+    cli_app.add_arguments(g)
+    cli_tasks.add_arguments(g)
     return parser
 
 
@@ -160,13 +180,12 @@ def _progress(total_hint: str):
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    import soundfile as sf
-
     from .loading import load_acestep
     from .lora import ensure_loras, load_lora_file
-    from .pipeline import Request, generate
+    from .pipeline import Request
 
     device_name, dtype_name, levers = speed_settings(args)
+    setup = cli_app.prepare(args)
     device, dtype = _device_and_dtype(device_name, dtype_name)
     t0 = time.perf_counter()
     # --cpu-offload: the weights are read straight into CPU memory (never all on the GPU at once); the model
@@ -178,55 +197,54 @@ def generate_command(args: argparse.Namespace) -> int:
     for spec in args.lora:
         path, _, strength = spec.rpartition(":") if spec.rpartition(":")[2].replace(".", "", 1).lstrip("-").isdigit() \
             else (spec, "", "1")
-        loras.append((load_lora_file(path), float(strength)))
+        loras.append((load_lora_file(cli_app.lora_path(path, args.models_dir)), float(strength)))
     ensure_loras(model.transformer, loras)
     print(f"loaded {model.source} ({model.layout}, {dtype}, {device}) in {time.perf_counter() - t0:.1f} s")
     src, src_rate = _read_audio(args.src_audio)
     ref, ref_rate = _read_audio(args.ref_audio)
-    seeds = None if args.seed is None else [args.seed + i for i in range(args.batch_size)]
-    retake = None if args.retake_seed is None else [args.retake_seed + i for i in range(args.batch_size)]
+    seeds, retake = setup.seeds, setup.retake_seeds
     guidance = GuidanceConfig(
         guidance_scale=args.guidance_scale, cfg_type=args.cfg_type, guidance_interval=args.guidance_interval,
         guidance_interval_decay=args.guidance_interval_decay, min_guidance_scale=args.min_guidance_scale,
         guidance_scale_text=args.guidance_scale_text, guidance_scale_lyric=args.guidance_scale_lyric,
-        use_erg_tag=not args.no_erg_tag, use_erg_lyric=not args.no_erg_lyric,
+        use_erg_tag=not args.no_erg_tag, use_erg_lyric=setup.use_erg_lyric,
         use_erg_diffusion=not args.no_erg_diffusion, omega_scale=args.omega_scale,
     )
     request = Request(
-        task=args.task, prompt=_text(args.tags), lyrics=_text(args.lyrics), audio_duration=args.duration,
+        task=args.task, prompt=setup.tags, lyrics=setup.lyrics, audio_duration=setup.duration,
         infer_step=args.steps, scheduler_type=args.scheduler, guidance=guidance,
         oss_steps=tuple(int(s) for s in args.oss_steps.split(",") if s.strip()), batch_size=args.batch_size,
-        manual_seeds=seeds, retake_seeds=retake, retake_variance=args.variance, repaint_start=args.repaint_start,
-        repaint_end=args.repaint_end if args.task != "retake" else args.duration, src_audio=src,
+        manual_seeds=seeds, retake_seeds=retake, retake_variance=setup.variance, repaint_start=args.repaint_start,
+        repaint_end=args.repaint_end if args.task != "retake" else setup.duration, src_audio=src,
         src_sample_rate=src_rate, ref_audio=ref, ref_sample_rate=ref_rate, ref_audio_strength=args.ref_strength,
-        edit_target_prompt=_text(args.edit_tags), edit_target_lyrics=_text(args.edit_lyrics),
-        edit_n_min=args.edit_n_min, edit_n_max=args.edit_n_max, edit_n_avg=args.edit_n_avg,
+        edit_target_prompt=setup.edit_tags, edit_target_lyrics=setup.edit_lyrics,
+        edit_n_min=setup.edit_n_min, edit_n_max=setup.edit_n_max, edit_n_avg=args.edit_n_avg,
         sample_rate=args.sample_rate,
     )
     bar, callback = _progress(args.task)
     t1 = time.perf_counter()
     try:
-        result = generate(model, request, callback=callback, levers=levers,
-                          notify=print if bar is None else bar.write)
+        result = cli_tasks.generate(model, request, args, callback=callback, levers=levers,
+                                    notify=print if bar is None else bar.write)
     finally:
         if bar is not None:
             bar.close()
     elapsed = time.perf_counter() - t1
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     seconds = result.waveform.shape[-1] / result.sample_rate
-    for i, wav in enumerate(result.waveform):
-        path = out if result.waveform.shape[0] == 1 else out.with_name(f"{out.stem}_{i + 1}{out.suffix}")
-        sf.write(str(path), wav.clamp(-1, 1).numpy().T, result.sample_rate)
+    for path in cli_app.write_outputs(args, setup, request, result.waveform, result.sample_rate,
+                                      {"preprocess": 0.0, "diffusion": elapsed, "latent2audio": 0.0}):
         print(f"wrote {path} ({seconds:.1f} s at {result.sample_rate} Hz)")
+    for path in cli_tasks.write_extras(args, result, setup.paths):
+        print(f"wrote {path}")
     print(f"generated {seconds * result.waveform.shape[0]:.1f} s of audio in {elapsed:.1f} s "
           f"(RTF {seconds * result.waveform.shape[0] / elapsed:.1f}x)")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
     try:
+        args = cli_app.parse(parser, argv)
         return generate_command(args)
     except (ValueError, FileNotFoundError, ImportError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

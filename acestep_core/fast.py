@@ -1,5 +1,6 @@
-"""Speed and memory helpers around the pipeline: the eager option set, compiled transformer blocks, a decode
-that survives running out of device memory, and low-VRAM offloading of idle components (bench/README.md)."""
+"""Speed and memory helpers around the pipeline: compiled transformer blocks, a decode that survives running out of
+device memory, and low-VRAM offloading of idle components (bench/README.md). The fast-path switches themselves are
+`sampling.options.SpeedOptions` (all off: `sampling.options.EAGER`)."""
 from __future__ import annotations
 
 import gc
@@ -10,7 +11,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -20,17 +21,8 @@ from .audio import OVERLAP_WINDOW_FRAMES, SAMPLE_RATE, Progress
 from .models.dcae import DCAE
 from .models.vocoder import Vocoder
 
-EAGER = {"batch_branches": False, "reuse_cross_kv": False, "linear_ff": False, "skip_full_masks": False,
-         "compile": False}
-"""SamplerOptions fields that turn every fast-path option off: the official one-call-per-branch eager path."""
-
 MIN_WINDOW_FRAMES = 16
 """Smallest DCAE window the out-of-memory fallback tries (latent frames, 1.5 s)."""
-
-
-def eager_options(options):
-    """A copy of SamplerOptions `options` with every fast-path option off (the official call pattern)."""
-    return replace(options, **EAGER)
 
 
 Notify = Callable[[str], None]

@@ -15,7 +15,8 @@ import torch
 from safetensors import safe_open
 from torch.overrides import TorchFunctionMode
 
-from .errors import CheckpointError, ModelDownloadError
+from .download import hf_download, is_network_error
+from .errors import CheckpointError, ModelDownloadError  # noqa: F401  (ModelDownloadError: re-exported)
 from .models.dcae import DCAE, DCAEConfig
 from .models.transformer import AceStepTransformer, TransformerConfig
 from .models.vocoder import MEL_BUFFERS, Vocoder, VocoderConfig, vocoder_key_map
@@ -196,34 +197,17 @@ def resolve_checkpoint(
 
 def download_repo(repo_id: str, target: Path | None, components: Sequence[str]) -> Path:
     """snapshot_download of only the component folders, into target (or the HF cache when None) (design §10.1)."""
-    import huggingface_hub
-    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
     patterns = [f"{LAYOUTS[c].folder}/*" for c in components]
     where = str(target) if target is not None else "a local folder (pass its path instead of the repo id)"
-    try:
-        got = huggingface_hub.snapshot_download(
-            repo_id, local_dir=str(target) if target is not None else None, allow_patterns=patterns
-        )
-    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as exc:
-        raise ModelDownloadError(
-            f"could not download {repo_id}: the repository does not exist or needs access rights ({exc}); "
-            f"put the folders {', '.join(patterns)} at {where}"
-        ) from exc
-    except Exception as exc:
-        if not _is_network_error(exc):
-            raise
-        raise ModelDownloadError(
-            f"could not download {repo_id}: no network or Hugging Face offline mode ({type(exc).__name__}: {exc}); "
-            f"put the folder at {where} with the sub-folders {', '.join(LAYOUTS[c].folder + '/' for c in components)}"
-        ) from exc
-    return Path(got)
+    return hf_download(
+        repo_id, target, patterns,
+        not_found_fix=f"put the folders {', '.join(patterns)} at {where}",
+        offline_fix=f"put the folder at {where} with the sub-folders "
+                    f"{', '.join(LAYOUTS[c].folder + '/' for c in components)}",
+    )
 
 
-def _is_network_error(exc: BaseException) -> bool:
-    """OSError family (connection, offline mode, cache miss) or an HTTP client library's own error type."""
-    module = type(exc).__module__.split(".")[0]
-    return isinstance(exc, OSError) or module in ("httpx", "httpx2", "requests", "urllib3", "huggingface_hub")
+_is_network_error = is_network_error  # the old private name, for callers that still use it
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,10 +25,12 @@ import torch
 from torch import Tensor
 
 from . import tasks
-from .audio import LATENT_RATE, SAMPLE_RATE, SAMPLES_PER_LATENT, resample
-from .fast import decode_with_fallback
+from .audio import resample
 from .conditioning import Conditioning
-from .lyric_timing import LineTiming, align_lyrics, collect_lyric_attention
+from .fast import decode_with_fallback
+from .latent import LATENT_RATE, SAMPLE_RATE, SAMPLES_PER_LATENT, seconds_at
+from .latent import frames_covering as frames_for_long
+from .lyric_timing import LineTiming, align_lyrics, collect_lyric_attention, to_lrc
 from .noise import NoiseSource
 
 CROSSFADES = ("equal_gain", "equal_power")
@@ -183,13 +185,17 @@ class LongSong:
     lyrics: tuple[str, ...]
     lines: tuple[LineTiming, ...] | None = None
 
+    def window_plan(self) -> str:
+        """The lyrics each window was given, window by window with its time range (instrumental when none)."""
+        return "\n\n".join(
+            f"# window {i + 1}: {seconds_at(w.start):.1f}-{seconds_at(w.end):.1f} s\n"
+            + (text if text.strip() else "(instrumental)")
+            for i, (w, text) in enumerate(zip(self.windows, self.lyrics))
+        )
 
-def frames_for_long(seconds: float) -> int:
-    """Latent frames to cover `seconds` completely: ceil(seconds·44100/4096) (the audio is then trimmed)."""
-    seconds = float(seconds)
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"seconds must be a positive number, got {seconds}")
-    return max(1, math.ceil(round(seconds * SAMPLE_RATE) / SAMPLES_PER_LATENT))
+    def lrc(self, seconds: float) -> str:
+        """The LRC of the whole song when timing was collected, else an empty string."""
+        return to_lrc(self.lines, float(seconds)) if self.lines is not None else ""
 
 
 def generate_long(

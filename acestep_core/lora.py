@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import re
-import struct
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +27,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .safetensors_header import json_entry, read_header
 
 OFFICIAL_FILENAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
@@ -260,16 +261,11 @@ def _resolve_lora_path(path: Path) -> Path:
 
 def _read_safetensors_header(file: Path) -> dict[str, Any]:
     """The JSON header of a safetensors file; a clear ValueError for pickles and other formats."""
-    with open(file, "rb") as handle:
-        head = handle.read(8)
-        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        body = handle.read(length) if 0 < length <= file.stat().st_size - 8 else b""
-    try:
-        header = json.loads(body) if body else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        header = None
-    if isinstance(header, dict):
+    header = read_header(file)
+    if header is not None:
         return header
+    with open(file, "rb") as handle:
+        head = handle.read(2)
     if head[:2] == b"PK" or head[:1] == b"\x80":
         raise ValueError(
             f"LoRA file {file} is a torch.save/pickle file, not safetensors; pickles can run code and are "
@@ -280,17 +276,7 @@ def _read_safetensors_header(file: Path) -> dict[str, Any]:
 
 def _parse_adapter_config(text: str | None, file: Path) -> dict[str, Any] | None:
     """The `lora_adapter_metadata` header entry as a dict (None when absent)."""
-    if text is None:
-        return None
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"LoRA file {file}: header '{METADATA_KEY}' is not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise ValueError(
-            f"LoRA file {file}: header '{METADATA_KEY}' must be a JSON object, got {type(config).__name__}"
-        )
-    return config
+    return json_entry(text, METADATA_KEY, f"LoRA file {file}")
 
 
 def _check_adapter_config(config: Mapping[str, Any] | None, source: str) -> None:

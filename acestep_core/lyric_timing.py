@@ -23,19 +23,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .audio import LATENT_RATE
-from .conditioning import ERG_TAU, Conditioning
+from .latent import LATENT_RATE
+from .conditioning import Conditioning
 from .models.attention import apply_rope
 from .models.transformer import split_heads
+from .sampling.branch_rows import current_conditional_rows
+from .preview import SECTION, SUNG, UNSUNG, draw_alignment  # noqa: F401  (the picture lives in preview.py)
 
 STRUCTURE_LINE = re.compile(r"\[[^\[\]]*\]")
 """A line made of one bracket tag only ([verse], [chorus], ...): a section marker, not sung text."""
-MATCH_TOLERANCE = 0.1
-"""Largest relative difference of a call's cross-attention keys (text part, lyric part) from the conditional
-branch's: bf16 rounding of another batch size stays far below it, zeroed text or lyrics far above it."""
 HEAD_CHUNK = 4
 """Heads whose attention probabilities are materialised at once (bounds the extra memory to T x S x 4 floats)."""
 DEFAULT_THRESHOLD = 0.5
@@ -122,12 +120,6 @@ def timestep_from_features(features: Tensor) -> Tensor:
     return torch.atan2(features[:, -1].float(), features[:, half - 1].float()) / freq
 
 
-def relative_distance(k: Tensor, ref: Tensor) -> Tensor:
-    """‖k_b − ref‖ / ‖ref‖ per batch row b of k [B, ...] against ref [1, ...]."""
-    num = (k.float() - ref.float()).pow(2).flatten(1).sum(dim=1).sqrt()
-    return num / ref.float().pow(2).sum().sqrt().clamp_min(1e-12)
-
-
 def lyric_attention_share(q: Tensor, k: Tensor, allowed: Tensor | None, lyric_start: int) -> Tensor:
     """Softmax cross-attention q [b,H,T,hd], k [b,H,S,hd] (mask `allowed` [b,T,S]) summed over the keys from
     `lyric_start` on and averaged over heads: [b, T, S − lyric_start] fp32 (design §2.5)."""
@@ -147,10 +139,10 @@ class LyricAttentionCollector:
     """Forward hooks on the cross-attention of chosen blocks that average the conditional branch's attention to
     the lyric tokens (design §2.5). Use :func:`collect_lyric_attention`; nothing runs while it is detached.
 
-    The conditional branch is recognised by its cross-attention keys, which equal the ones of `cond` encoded as
-    every task encodes it (speaker zeros, real text and lyrics, no ERG); the unconditional and text-only
-    branches (zeroed or ERG-tempered parts) and flow-edit's other prompt differ. So this works for every task
-    and guidance setting.
+    The task layer says which rows of each model call are the conditional branch of which conditioning
+    (acestep_core.sampling.branch_rows); only the calls of `cond` itself (the very object the task was given) are
+    kept, so the unconditional and text-only branches and flow-edit's source prompt are left out. So this works for
+    every task and guidance setting.
     `sigma_range` keeps only calls whose noise level σ lies in it (σ = 1 is pure noise).
     """
 
@@ -167,8 +159,6 @@ class LyricAttentionCollector:
             raise ValueError(f"sigma_range must be (low, high) with 0 <= low < high <= 1, got {sigma_range!r}")
         self.transformer, self.cond, self.blocks, self.sigma_range = transformer, cond, chosen, (lo, hi)
         self.lyric_start = 1 + cond.text_mask.shape[1]                            # after speaker + text tokens
-        self._reference: dict[int, list[list[Tensor]]] = {}
-        self._keys_length = self.lyric_start + cond.lyric_ids.shape[1]
         self._queries: dict[int, Tensor] = {}
         self._sigma: Tensor | None = None
         self._sum: Tensor | None = None
@@ -222,45 +212,12 @@ class LyricAttentionCollector:
         return hook
 
     def _conditional_rows(self, index: int, k: Tensor) -> Tensor:
-        """Batch rows of a call whose cross-attention keys are the conditional branch's: for the text and the
-        lyric part, within MATCH_TOLERANCE of the conditional keys and nearer to them than to the ERG-tempered
-        ones (which can differ by only ~1 %)."""
-        if k.shape[2] != self._keys_length:                                       # another prompt's sequence
+        """Batch rows of the running call that are the conditional branch of `cond`, as the task layer says."""
+        announced = current_conditional_rows()
+        if announced is None or announced[0] is not self.cond:
             return torch.empty(0, dtype=torch.long, device=k.device)
-        if not self._reference:
-            self._reference.update(self._reference_keys(k))
-        ok = torch.ones(k.shape[0], dtype=torch.bool, device=k.device)
-        for part, (ref, *others) in zip(self._segments(), self._reference[index]):
-            here = relative_distance(k[:, :, part], ref)
-            ok &= here < MATCH_TOLERANCE
-            for other in others:
-                ok &= here < relative_distance(k[:, :, part], other)
-        return ok.nonzero().flatten()
-
-    def _segments(self) -> tuple[slice, slice]:
-        """Encoder positions of speaker + text, and of the lyrics."""
-        return slice(0, self.lyric_start), slice(self.lyric_start, None)
-
-    def _reference_keys(self, like: Tensor) -> dict[int, list[list[Tensor]]]:
-        """Per probed block and segment: the keys of `cond` encoded as the tasks encode the conditional branch
-        (speaker zeros, no ERG), then the ERG-tempered alternatives of that segment: the ERG-tag text states for
-        the text part, the ERG-lyric Conformer output for the lyric part (design §2.3, §7.6)."""
-        tr = self.transformer
-        c = self.cond.to(like.device, tr.dtype)
-        speaker = torch.zeros(1, tr.config.speaker_embedding_dim, device=like.device, dtype=tr.dtype)
-
-        def keys(text: Tensor, tau: float | None) -> list[Tensor]:
-            states = tr.encode(text, c.text_mask, speaker, c.lyric_ids, c.lyric_mask, lyric_erg_tau=tau)[0]
-            return [k for k, _ in tr.cross_kv(states)]
-
-        plain, tempered = keys(c.text_states, None), keys(c.text_states, ERG_TAU)
-        erg_text = keys(c.text_states_erg, None) if c.text_states_erg is not None else None
-        text, lyric = self._segments()
-        return {
-            i: [[plain[i][:, :, text]] + ([erg_text[i][:, :, text]] if erg_text is not None else []),
-                [plain[i][:, :, lyric], tempered[i][:, :, lyric]]]
-            for i in self.blocks
-        }
+        rows = announced[1]
+        return torch.arange(rows.start, rows.stop, device=k.device)
 
     def _add(self, share: Tensor) -> None:
         if self._sum is not None and self._sum.shape != share.shape:
@@ -477,55 +434,3 @@ def to_lrc(lines: Sequence[LineTiming], duration: float, *, gap: float = 2.0, ke
             if next_start - line.end > gap:
                 out.append(lrc_time(line.end))
     return "\n".join(out) + "\n"
-
-
-HEAT = torch.tensor([[0.0, 0.0, 0.02], [0.28, 0.05, 0.45], [0.80, 0.22, 0.30], [0.98, 0.60, 0.15], [1.0, 0.98, 0.75]])
-"""A dark-to-bright colour ramp (black, purple, red, orange, pale yellow) for the attention picture."""
-SUNG, UNSUNG, SECTION = torch.tensor([0.25, 0.85, 0.35]), torch.tensor([0.95, 0.25, 0.2]), torch.tensor([0.35, 0.6, 1.0])
-STRIP, GRID = 0.12, 0.55
-
-
-def _colour(values: Tensor) -> Tensor:
-    """[H, W] in 0..1 → [H, W, 3] along HEAT."""
-    pos = values.clamp(0, 1) * (HEAT.shape[0] - 1)
-    low = pos.floor().long().clamp(max=HEAT.shape[0] - 2)
-    frac = (pos - low)[..., None]
-    return HEAT[low] * (1 - frac) + HEAT[low + 1] * frac
-
-
-def draw_alignment(alignment: Alignment, *, width: int | None = None, height: int = 320) -> Tensor:
-    """Picture [1, H, W, 3] float 0..1 (ComfyUI IMAGE): the attention (lyric tokens top to bottom, time left to
-    right) with the token path in white; below it one bar per lyric line (green sung, red not sung), a blue tick
-    where a section tag's section starts, and a grid tick every 10 s (long every minute)."""
-    probabilities = torch.from_numpy(alignment.probabilities).T                  # [Ll, T]
-    tokens, frames = probabilities.shape
-    width = int(width or min(max(frames, 512), 2048))
-    if width < 16 or height < 64:
-        raise ValueError(f"the picture needs width >= 16 and height >= 64, got {width}x{height}")
-    strip = max(12, height // 10)
-    top = height - strip
-    heat = F.adaptive_max_pool2d(probabilities[None, None].sqrt(), (top, width))[0, 0]
-    image = torch.full((height, width, 3), STRIP)
-    image[:top] = _colour(heat / heat.max().clamp_min(1e-12))
-    columns = torch.arange(width)
-    column_frames = (columns * frames // width).clamp(max=frames - 1)
-    rows = (torch.from_numpy(alignment.path)[column_frames] * top // tokens).clamp(max=top - 2)
-    image[rows, columns] = 1.0
-    image[rows + 1, columns] = 1.0
-
-    def x_of(seconds: float) -> int:
-        return min(width - 1, int(seconds * alignment.frame_rate * width / frames))
-
-    bar = slice(top + 3, height - 3)
-    for line in alignment.lines:
-        if line.kind == "lyric":
-            a = x_of(line.start)
-            image[bar, a:max(a + 1, x_of(line.end))] = SUNG if line.sung else UNSUNG
-    for i, line in enumerate(alignment.lines):
-        later = [n.start for n in alignment.lines[i:] if n.kind == "lyric"]
-        if line.kind == "structure" and later:
-            x = x_of(later[0])
-            image[top:, max(0, x - 1):x + 1] = SECTION
-    for second in range(10, int(alignment.duration) + 1, 10):
-        image[top:top + (strip if second % 60 == 0 else 3), x_of(second)] = GRID
-    return image[None]

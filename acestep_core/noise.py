@@ -5,6 +5,18 @@ The official pipeline keeps two lists of per-item generators, "manual" seeds (th
 ``[1, ...]`` slice from each item's generator; PingPong's per-step noise takes the whole batch from
 the first generator. A :class:`SeededNoise` reproduces that; a :class:`ReplayNoise` hands out
 recorded tensors in order (parity tests, or a user's own noise).
+
+From a node's seed to noise there is one rule, :func:`noise_for_seed` (every node that draws noise uses it;
+docs/seeds.md):
+
+- the "manual" stream (the base noise, and PingPong's per-step noise) is seeded by ``seed``, the "retake"
+  stream (retake, repaint and extension noise, every flow-edit draw) by ``retake_seed``;
+- item ``i`` of a batch uses ``seed + i`` (``+ batch_index[i]`` when the latent carries ComfyUI batch
+  indices), wrapped to 32 bits, so item 0 draws exactly the official pipeline's noise for that seed;
+- a node without a ``retake_seed`` input uses ``seed + 1`` for the retake stream, so the base and the
+  extension noise of one seed differ (long form); flow edit, whose only stream is the retake one, gives its
+  seed as the retake seed (official: the edit noise comes from the retake seeds);
+- the generators live on the model's device and draw in its dtype (same seed, same device: same song).
 """
 from __future__ import annotations
 
@@ -98,6 +110,33 @@ class SeededNoise:
     def draw_shared(self, stream: str, shape: Sequence[int]) -> torch.Tensor:
         g = self._stream(stream)[0]
         return torch.empty(tuple(shape), device=self.device, dtype=torch.float32).normal_(generator=g)
+
+
+def item_seeds(seed: int, offsets: Sequence[int]) -> list[int]:
+    """Per-item seeds `seed + offset`, wrapped to 32 bits (the node seed rule, see the module docstring)."""
+    return [(int(seed) + int(i)) % (MAX_SEED + 1) for i in offsets]
+
+
+def noise_for_seed(
+    seed: int,
+    batch: int,
+    *,
+    retake_seed: int | None = None,
+    offsets: Sequence[int] | None = None,
+    manual_seeds: Sequence[int] | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> SeededNoise:
+    """The one rule from a node's seed to its noise (module docstring): manual stream `seed + i`, retake stream
+    `retake_seed + i` (`seed + 1 + i` when the node has no retake seed); `offsets` replace i (batch indices);
+    `manual_seeds`, one per item (the app's manual seed list), replace the manual stream's seeds."""
+    if offsets is None or len(offsets) != batch:
+        offsets = range(batch)
+    retake = int(seed) + 1 if retake_seed is None else int(retake_seed)
+    manual = item_seeds(seed, offsets) if manual_seeds is None else [int(s) for s in manual_seeds]
+    if len(manual) != batch:
+        raise ValueError(f"seeds lists {len(manual)} seeds for a batch of {batch}; give one seed per item")
+    return SeededNoise(manual, item_seeds(retake, offsets), device, dtype)
 
 
 @dataclass

@@ -5,8 +5,9 @@ scripts: conditioning -> source/reference encode -> task -> decode (design §1, 
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
@@ -14,25 +15,33 @@ from torch import Tensor
 from . import audio as audio_io
 from . import fast, tasks
 from .conditioning import Conditioning, encode_conditioning
+from .latent import frames_at
 from .noise import NoiseSource, SeededNoise
 from .sampling.denoiser import GuidanceConfig
 from .validation import MemorySettings, call_explaining_oom
 
 TASKS = ("text2music", "retake", "repaint", "extend", "edit", "audio2audio")
+_SAMPLING = tasks.SamplerOptions()
+_EDIT = tasks.EditOptions()
 
 
 @dataclass
 class Request:
-    """A generation, named as the official ``ACEStepPipeline.__call__`` names its arguments (design §7.8)."""
+    """A generation, named as the official ``ACEStepPipeline.__call__`` names its arguments (design §7.8).
+
+    The sampling and edit defaults are those of :class:`~acestep_core.tasks.SamplerOptions`,
+    :class:`~acestep_core.sampling.denoiser.GuidanceConfig` and :class:`~acestep_core.tasks.EditOptions` (stated
+    once there; the command line takes its defaults from here).
+    """
 
     task: str = "text2music"
     prompt: str = ""
     lyrics: str = ""
     audio_duration: float = 60.0
-    infer_step: int = 60
-    scheduler_type: str = "euler"
+    infer_step: int = _SAMPLING.steps
+    scheduler_type: str = _SAMPLING.scheduler
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
-    oss_steps: tuple[int, ...] = ()
+    oss_steps: tuple[int, ...] = _SAMPLING.oss_steps
     batch_size: int = 1
     manual_seeds: int | list[int] | None = None
     retake_seeds: int | list[int] | None = None
@@ -46,17 +55,17 @@ class Request:
     ref_audio_strength: float = 0.5
     edit_target_prompt: str = ""
     edit_target_lyrics: str = ""
-    edit_n_min: float = 0.0
-    edit_n_max: float = 1.0
-    edit_n_avg: int = 1
+    edit_n_min: float = _EDIT.n_min
+    edit_n_max: float = _EDIT.n_max
+    edit_n_avg: int = _EDIT.n_avg
     sample_rate: int = 48000
-    batch_branches: bool = False
+    batch_branches: bool = _SAMPLING.speed.batch_branches
 
     def options(self) -> tasks.SamplerOptions:
         """The sampler options this request asks for."""
         return tasks.SamplerOptions(
             steps=self.infer_step, scheduler=self.scheduler_type, guidance=self.guidance, oss_steps=self.oss_steps,
-            batch_branches=self.batch_branches,
+            speed=tasks.SpeedOptions(batch_branches=self.batch_branches),
         )
 
 
@@ -68,6 +77,7 @@ class Result:
     waveform: Tensor | None  # [B, 2, N] float32 at sample_rate
     sample_rate: int
     conditioning: Conditioning
+    collected: object = None  # what `collect(...)` yielded (e.g. a lyric-attention collector), else None
 
 
 def _encode_source(model, waveform: Tensor | None, rate: int | None, what: str, offloader=None) -> Tensor:
@@ -75,10 +85,6 @@ def _encode_source(model, waveform: Tensor | None, rate: int | None, what: str, 
         raise ValueError(f"this task needs {what}: pass the audio and its sample rate")
     with fast.phase(offloader, model.dcae, model.vocoder):
         return audio_io.encode_audio(model.dcae, model.vocoder.mel_transform, waveform, rate)
-
-
-def _frames(seconds: float) -> int:
-    return int(seconds * audio_io.SAMPLE_RATE / audio_io.SAMPLES_PER_LATENT)
 
 
 def _song_seconds(r: Request) -> float:
@@ -93,13 +99,19 @@ def _song_seconds(r: Request) -> float:
 
 
 def generate(model, request: Request, *, noise: NoiseSource | None = None, callback=None, decode: bool = True,
-             levers: fast.Levers = fast.Levers(), notify=None) -> Result:
+             levers: fast.Levers = fast.Levers(), notify=None, collect=None) -> Result:
     """Run one request on a loaded model (design §8). Without `noise`, the official seeded generators are used.
 
     `levers` are the speed/memory switches (acestep_core.fast.Levers: CPU offload per phase, torch.compile,
     overlapped decode); `notify(text)` hears their status lines. Decoding falls back to smaller windows on
-    out-of-memory. Running out of memory elsewhere raises torch.OutOfMemoryError naming the settings that would
-    fit (validation module).
+    out-of-memory.
+
+    `collect(conditioning)`, when given, returns a context manager entered around the sampling with the
+    conditioning whose lyrics are sung (the edit target for edit), e.g. lyric_timing.collect_lyric_attention;
+    what it yields comes back as ``Result.collected``.
+
+    Running out of memory elsewhere raises torch.OutOfMemoryError naming the settings that would fit (validation
+    module).
     """
     r = request
     if r.task not in TASKS:
@@ -137,10 +149,10 @@ def generate(model, request: Request, *, noise: NoiseSource | None = None, callb
         if r.task == "audio2audio":
             return tasks.audio2audio(transformer, cond, src, ref_strength=r.ref_audio_strength, **common)
         if r.task == "repaint":
-            start, end = _frames(r.repaint_start), _frames(r.repaint_end)
+            start, end = frames_at(r.repaint_start), frames_at(r.repaint_end)
             return tasks.repaint(transformer, cond, src, start, end, variance=r.retake_variance, **common)
         if r.task == "extend":
-            start, end = _frames(r.repaint_start), _frames(r.repaint_end)
+            start, end = frames_at(r.repaint_start), frames_at(r.repaint_end)
             left, right = max(0, -start), max(0, end - src.shape[-1])
             return tasks.extend(transformer, cond, src, left, right, variance=r.retake_variance, **common)
         edit = tasks.EditOptions(r.edit_n_min, r.edit_n_max, r.edit_n_avg)
@@ -148,41 +160,39 @@ def generate(model, request: Request, *, noise: NoiseSource | None = None, callb
 
     memory = MemorySettings("generating", _song_seconds(r), r.batch_size, model.dtype, model.device,
                             r.batch_branches)
+    context = collect(target if target is not None else cond) if collect is not None else contextlib.nullcontext()
     with torch.no_grad():
-        latents = call_explaining_oom(run_task, memory)
+        with context as collected:
+            latents = call_explaining_oom(run_task, memory)
         waveform = None
         if decode:
             with fast.phase(offloader, model.dcae, model.vocoder):
                 waveform = fast.decode(model.dcae, model.vocoder, latents, levers=levers, sample_rate=r.sample_rate)
             waveform = waveform.cpu()
-    return Result(latents, waveform, r.sample_rate, cond)
+    return Result(latents, waveform, r.sample_rate, cond, collected)
+
+
+GUIDANCE_ARGS = tuple(f.name for f in fields(GuidanceConfig))
+"""Official ``__call__`` arguments that are GuidanceConfig fields under the same name."""
+REQUEST_ARGS = ("prompt", "lyrics", "audio_duration", "infer_step", "scheduler_type", "batch_size", "manual_seeds",
+                "retake_seeds", "retake_variance", "repaint_start", "repaint_end", "ref_audio_strength",
+                "edit_target_prompt", "edit_target_lyrics", "edit_n_min", "edit_n_max", "edit_n_avg")
+"""Official ``__call__`` arguments that are Request fields under the same name."""
 
 
 def request_from_official_args(args: dict, **audio) -> Request:
-    """A :class:`Request` from a dict of official ``__call__`` arguments (fixtures' case.json ``args``)."""
-    g = GuidanceConfig(
-        guidance_scale=args.get("guidance_scale", 15.0), cfg_type=args.get("cfg_type", "apg"),
-        guidance_interval=args.get("guidance_interval", 0.5),
-        guidance_interval_decay=args.get("guidance_interval_decay", 0.0),
-        min_guidance_scale=args.get("min_guidance_scale", 3.0),
-        guidance_scale_text=args.get("guidance_scale_text", 0.0) or 0.0,
-        guidance_scale_lyric=args.get("guidance_scale_lyric", 0.0) or 0.0,
-        use_erg_tag=args.get("use_erg_tag", True), use_erg_lyric=args.get("use_erg_lyric", True),
-        use_erg_diffusion=args.get("use_erg_diffusion", True), omega_scale=args.get("omega_scale", 10.0),
-    )
+    """A :class:`Request` from a dict of official ``__call__`` arguments (fixtures' case.json ``args``).
+
+    Arguments left out (or None) take the dataclass defaults; the guidance branches run as the official separate
+    calls (batch_branches off), the call pattern the parity fixtures were recorded with.
+    """
+    g = GuidanceConfig(**{k: args[k] for k in GUIDANCE_ARGS if args.get(k) is not None})
     task = args.get("task", "text2music")
     if task == "text2music" and args.get("audio2audio_enable"):
         task = "audio2audio"
     oss = args.get("oss_steps") or ""
+    given = {k: args[k] for k in REQUEST_ARGS if args.get(k) is not None}
     return Request(
-        task=task, prompt=args.get("prompt", ""), lyrics=args.get("lyrics", ""),
-        audio_duration=args.get("audio_duration", 60.0), infer_step=args.get("infer_step", 60),
-        scheduler_type=args.get("scheduler_type", "euler"), guidance=g,
-        oss_steps=tuple(int(s) for s in str(oss).split(",") if s.strip()), batch_size=args.get("batch_size", 1),
-        manual_seeds=args.get("manual_seeds"), retake_seeds=args.get("retake_seeds"),
-        retake_variance=args.get("retake_variance", 0.5), repaint_start=args.get("repaint_start", 0.0),
-        repaint_end=args.get("repaint_end", 0.0), ref_audio_strength=args.get("ref_audio_strength", 0.5),
-        edit_target_prompt=args.get("edit_target_prompt", ""), edit_target_lyrics=args.get("edit_target_lyrics", ""),
-        edit_n_min=args.get("edit_n_min", 0.0), edit_n_max=args.get("edit_n_max", 1.0),
-        edit_n_avg=args.get("edit_n_avg", 1), **audio,
+        task=task, guidance=g, oss_steps=tuple(int(s) for s in str(oss).split(",") if s.strip()),
+        batch_branches=False, **given, **audio,
     )

@@ -11,13 +11,17 @@ import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .audio import LATENT_RATE
+from .latent import LATENT_RATE
 from .models.vocoder import slaney_mel_filterbank
+
+if TYPE_CHECKING:
+    from .lyric_timing import Alignment
 
 Region = tuple[float, float]
 """A time region (start, end) in seconds, end > start."""
@@ -363,3 +367,59 @@ def png_bytes(image: Tensor) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.numpy().tobytes(), 6))
             + chunk(b"IEND", b""))
+
+
+# --------------------------------------------------------------------------------------------------
+# lyric timing: the attention picture of an Alignment (acestep_core.lyric_timing)
+
+
+HEAT = torch.tensor([[0.0, 0.0, 0.02], [0.28, 0.05, 0.45], [0.80, 0.22, 0.30], [0.98, 0.60, 0.15], [1.0, 0.98, 0.75]])
+"""A dark-to-bright colour ramp (black, purple, red, orange, pale yellow) for the attention picture."""
+SUNG, UNSUNG, SECTION = torch.tensor([0.25, 0.85, 0.35]), torch.tensor([0.95, 0.25, 0.2]), torch.tensor([0.35, 0.6, 1.0])
+STRIP, GRID = 0.12, 0.55
+
+
+def _colour(values: Tensor) -> Tensor:
+    """[H, W] in 0..1 → [H, W, 3] along HEAT."""
+    pos = values.clamp(0, 1) * (HEAT.shape[0] - 1)
+    low = pos.floor().long().clamp(max=HEAT.shape[0] - 2)
+    frac = (pos - low)[..., None]
+    return HEAT[low] * (1 - frac) + HEAT[low + 1] * frac
+
+
+def draw_alignment(alignment: Alignment, *, width: int | None = None, height: int = 320) -> Tensor:
+    """Picture [1, H, W, 3] float 0..1 (ComfyUI IMAGE): the attention (lyric tokens top to bottom, time left to
+    right) with the token path in white; below it one bar per lyric line (green sung, red not sung), a blue tick
+    where a section tag's section starts, and a grid tick every 10 s (long every minute)."""
+    probabilities = torch.from_numpy(alignment.probabilities).T                  # [Ll, T]
+    tokens, frames = probabilities.shape
+    width = int(width or min(max(frames, 512), 2048))
+    if width < 16 or height < 64:
+        raise ValueError(f"the picture needs width >= 16 and height >= 64, got {width}x{height}")
+    strip = max(12, height // 10)
+    top = height - strip
+    heat = F.adaptive_max_pool2d(probabilities[None, None].sqrt(), (top, width))[0, 0]
+    image = torch.full((height, width, 3), STRIP)
+    image[:top] = _colour(heat / heat.max().clamp_min(1e-12))
+    columns = torch.arange(width)
+    column_frames = (columns * frames // width).clamp(max=frames - 1)
+    rows = (torch.from_numpy(alignment.path)[column_frames] * top // tokens).clamp(max=top - 2)
+    image[rows, columns] = 1.0
+    image[rows + 1, columns] = 1.0
+
+    def x_of(seconds: float) -> int:
+        return min(width - 1, int(seconds * alignment.frame_rate * width / frames))
+
+    bar = slice(top + 3, height - 3)
+    for line in alignment.lines:
+        if line.kind == "lyric":
+            a = x_of(line.start)
+            image[bar, a:max(a + 1, x_of(line.end))] = SUNG if line.sung else UNSUNG
+    for i, line in enumerate(alignment.lines):
+        later = [n.start for n in alignment.lines[i:] if n.kind == "lyric"]
+        if line.kind == "structure" and later:
+            x = x_of(later[0])
+            image[top:, max(0, x - 1):x + 1] = SECTION
+    for second in range(10, int(alignment.duration) + 1, 10):
+        image[top:top + (strip if second % 60 == 0 else 3), x_of(second)] = GRID
+    return image[None]

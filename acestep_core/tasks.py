@@ -8,218 +8,34 @@ through ``callback(step, total, x)``, which may raise to interrupt.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .conditioning import ERG_TAU, Conditioning
+from .conditioning import Conditioning
+from .latent import LATENT_CHANNELS, LATENT_HEIGHT, MAX_FRAMES, check_latent, frames_for_seconds  # noqa: F401
 from .noise import NoiseSource
-from .sampling.denoiser import GuidanceConfig, guided_velocity
+from .sampling.adapter import Branches, _repeat, encode_branches, make_predict, sample_guided, schedule_sigmas
+from .sampling.branch_rows import conditional_rows
+from .sampling.denoiser import GuidanceConfig, guided_velocity  # noqa: F401
 from .sampling.guidance import MomentumBuffer, apg
-from .sampling.samplers import euler_step, sample_euler, sample_heun, sample_pingpong
-from .sampling.schedules import audio2audio_sigmas, heun_call_sigmas, official_sigmas, oss_sigmas, parse_oss_steps
-
-LATENT_CHANNELS = 8
-LATENT_HEIGHT = 16
-MAX_FRAMES = int(240 * 44100 / 512 / 8)  # 2583 frames = the 240 s the model was trained on
-SCHEDULERS = ("euler", "heun", "pingpong")
-Callback = Callable[[int, int, Tensor], None]
-
-
-@dataclass(frozen=True)
-class SamplerOptions:
-    """How to sample: schedule, sampler and guidance (defaults of the official pipeline, design §7.8)."""
-
-    steps: int = 60
-    scheduler: str = "euler"
-    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
-    oss_steps: tuple[int, ...] = ()
-    shift: float = 3.0
-    batch_branches: bool = True  # fast path: guidance branches in one batched call (ERG as a per-item temperature)
-    reuse_cross_kv: bool = True  # fast path: each branch's cross-attention K/V once per generation, not per call
-    linear_ff: bool = True  # fast path: the feed-forward 1x1 convolutions as matrix products
-    skip_full_masks: bool = True  # fast path: no mask arithmetic when every frame and condition token is valid
-    compile: bool = False  # torch.compile the transformer blocks (the first calls compile them)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
-        object.__setattr__(self, "oss_steps", tuple(parse_oss_steps(self.oss_steps or None)))
-        if not (isinstance(self.shift, (int, float)) and math.isfinite(self.shift) and self.shift > 0):
-            raise ValueError(f"shift must be a finite number > 0, got {self.shift!r}")
-
-
-# --------------------------------------------------------------------------------------------------
-# conditioning -> encoder states of each guidance branch
-
-
-@dataclass
-class Branches:
-    """Encoder states of each guidance branch for a batch, computed once per generation (design §7.5, §7.6)."""
-
-    mask: Tensor  # [B, S] the conditional encoder mask, reused by every branch (official)
-    cond: Tensor  # [B, S, D]
-    uncond: Tensor | None
-    text: Tensor | None
-    erg_diffusion: bool
-
-
-def _repeat(t: Tensor, batch: int) -> Tensor:
-    return t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t
-
-
-def encode_branches(transformer, cond: Conditioning, batch: int, guidance: GuidanceConfig, *, need_uncond: bool) -> Branches:
-    """Run the condition encoder for the conditional, unconditional and text-only branches (design §7.5, §7.6)."""
-    p = next(transformer.parameters())
-    c = cond.to(p.device, p.dtype)
-    text, text_mask = _repeat(c.text_states, batch), _repeat(c.text_mask, batch)
-    ids, lyric_mask = _repeat(c.lyric_ids, batch), _repeat(c.lyric_mask, batch)
-    speaker0 = torch.zeros(batch, transformer.config.speaker_embedding_dim, device=p.device, dtype=p.dtype)
-    states, mask = transformer.encode(text, text_mask, speaker0, ids, lyric_mask)
-    uncond = text_only = None
-    if need_uncond:
-        if guidance.use_erg_lyric:
-            null_text = _repeat(c.text_states_erg, batch) if guidance.use_erg_tag and c.text_states_erg is not None \
-                else torch.zeros_like(text)
-            uncond = transformer.encode(null_text, text_mask, speaker0, ids, lyric_mask, lyric_erg_tau=ERG_TAU)[0]
-        else:
-            uncond = transformer.encode(torch.zeros_like(text), text_mask, speaker0, torch.zeros_like(ids), lyric_mask)[0]
-        if guidance.double_condition:
-            if guidance.use_erg_lyric:
-                text_only = transformer.encode(text, text_mask, speaker0, ids, lyric_mask, lyric_erg_tau=ERG_TAU)[0]
-            else:
-                text_only = transformer.encode(text, text_mask, speaker0, torch.zeros_like(ids), lyric_mask)[0]
-    return Branches(mask, states, uncond, text_only, guidance.use_erg_diffusion)
-
-
-def make_predict(transformer, branches: Branches, options: SamplerOptions = SamplerOptions()):
-    """The network side of guidance: velocity of each requested branch at (x, sigma) (design §7.5).
-
-    With every fast option off this makes the official separate calls. `batch_branches` runs the requested
-    branches as one call, the ERG-diffusion temperature given per item; `reuse_cross_kv` computes the
-    cross-attention K/V of all branches once (on first use) and slices it; `skip_full_masks` drops the masks
-    when they are all ones (checked once); `linear_ff` is passed to the transformer; `compile` compiles its blocks.
-    """
-    if options.compile:
-        from .fast import compile_blocks
-
-        compile_blocks(transformer)
-    present = [n for n, s in (("cond", branches.cond), ("text", branches.text), ("uncond", branches.uncond))
-               if s is not None]
-    tau = {n: ERG_TAU if n == "uncond" and branches.erg_diffusion else None for n in present}
-    full = options.skip_full_masks and bool((branches.mask == 1).all())
-    all_kv: list = []
-    per_item_tau: dict[tuple, Tensor] = {}
-
-    def rows(names: tuple[str, ...], t: Tensor) -> Tensor:
-        """The batch rows of `names` in a tensor stacked over `present`: a view when they are adjacent."""
-        b = branches.cond.shape[0]
-        idx = [present.index(n) for n in names]
-        if idx == list(range(idx[0], idx[0] + len(idx))):
-            return t[idx[0] * b:(idx[-1] + 1) * b]
-        return torch.cat([t[i * b:(i + 1) * b] for i in idx])
-
-    def kv_of(names: tuple[str, ...]):
-        if not options.reuse_cross_kv:
-            return None
-        if not all_kv:
-            states = torch.cat([getattr(branches, n) for n in present])
-            all_kv.extend(transformer.cross_kv(states))
-        return [(rows(names, k), rows(names, v)) for k, v in all_kv]
-
-    def decode(x: Tensor, sigma: Tensor, names: tuple[str, ...]) -> Tensor:
-        count = len(names)
-        xs = x.repeat(count, 1, 1, 1) if count > 1 else x
-        states = torch.cat([getattr(branches, n) for n in names]) if count > 1 else getattr(branches, names[0])
-        t = (sigma.to(torch.float32) * 1000).expand(xs.shape[0]).to(x.device)
-        taus = [tau[n] for n in names]
-        erg = taus[0] if count == 1 else None
-        if count > 1 and any(v is not None for v in taus):
-            key = (names, x.shape[0])
-            if key not in per_item_tau:
-                per_item = torch.tensor([1.0 if v is None else v for v in taus], dtype=torch.float32)
-                per_item_tau[key] = per_item.repeat_interleave(x.shape[0]).to(x.device)
-            erg = per_item_tau[key]
-        frames = mask = None
-        if not full:
-            frames = torch.ones(xs.shape[0], x.shape[-1], device=x.device, dtype=x.dtype)
-            mask = branches.mask.repeat(count, 1)
-        return transformer.decode(xs, frames, states, mask, t, erg_tau=erg, cross_kv=kv_of(names),
-                                  linear_ff=options.linear_ff)
-
-    def predict(x: Tensor, sigma: Tensor, names: tuple[str, ...]) -> tuple[Tensor, ...]:
-        if not options.batch_branches or len(names) == 1:
-            return tuple(decode(x, sigma, (n,)) for n in names)
-        return decode(x, sigma, tuple(names)).chunk(len(names))
-
-    return predict
-
-
-# --------------------------------------------------------------------------------------------------
-# schedules and the shared sampling run
-
-
-def _sigmas(options: SamplerOptions, dtype: torch.dtype) -> Tensor:
-    if options.oss_steps:
-        return oss_sigmas(list(options.oss_steps), options.shift, dtype)
-    return official_sigmas(options.steps, options.shift)
+from .sampling.options import EAGER, SamplerOptions, SpeedOptions, with_options  # noqa: F401  (re-exported: callers import them here)
+from .sampling.samplers import SCHEDULERS, Callback, euler_step  # noqa: F401
+from .sampling.schedules import audio2audio_sigmas, heun_call_sigmas, official_sigmas  # noqa: F401
 
 
 def _run_sampler(
     transformer, branches: Branches, x: Tensor, sigmas: Tensor, options: SamplerOptions,
     noise: NoiseSource, callback: Callback | None,
 ) -> Tensor:
-    """Sample from x over sigmas with the official guided velocity."""
-    predict = make_predict(transformer, branches, options)
-    momentum = MomentumBuffer()
-    n_steps = sigmas.numel() - 1  # the guidance interval is over N steps, Heun's 2N - 1 call index included
-
-    def velocity(xt: Tensor, sigma: Tensor, index: int) -> Tensor:
-        return guided_velocity(xt, sigma, index, config=options.guidance, n_steps=n_steps, predict=predict,
-                               momentum=momentum)
-
-    omega = options.guidance.omega_scale
-    if options.scheduler == "euler":
-        return sample_euler(velocity, x, sigmas, omega_scale=omega, callback=callback)
-    if options.scheduler == "heun":
-        return sample_heun(velocity, x, sigmas, omega_scale=omega, callback=callback)
-    return sample_pingpong(velocity, x, sigmas, noise_fn=lambda step, shape: noise.draw_shared("manual", shape),
-                           callback=callback)
+    """Sample from x over sigmas with the official guided velocity of the transformer's branches."""
+    return sample_guided(make_predict(transformer, branches, options), x, sigmas, options, noise, callback)
 
 
 def _model_dtype(transformer) -> tuple[torch.device, torch.dtype]:
     p = next(transformer.parameters())
     return p.device, p.dtype
-
-
-def check_latent(latent: Tensor, name: str = "latent") -> Tensor:
-    """An ACE latent must be [B, 8, 16, T] with finite values."""
-    if not isinstance(latent, Tensor) or latent.ndim != 4 or latent.shape[1:3] != (LATENT_CHANNELS, LATENT_HEIGHT):
-        shape = tuple(latent.shape) if isinstance(latent, Tensor) else type(latent).__name__
-        raise ValueError(
-            f"{name} must be an ACE-Step audio latent [batch, 8, 16, frames], got {shape}; "
-            "make it with the ACE-Step empty-latent or encode node (an image latent does not fit)"
-        )
-    if latent.shape[-1] < 1:
-        raise ValueError(f"{name} has no frames; give a duration of at least 0.1 s")
-    if not bool(torch.isfinite(latent).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return latent
-
-
-def frames_for_seconds(seconds: float) -> int:
-    """Latent frames for a duration, floor(seconds·44100/4096) as official (design §1)."""
-    seconds = float(seconds)
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"duration must be a positive number of seconds, got {seconds}")
-    frames = int(seconds * 44100 / 512 / 8)
-    if frames < 1:
-        raise ValueError(f"duration {seconds} s is shorter than one latent frame (0.093 s)")
-    return frames
 
 
 # --------------------------------------------------------------------------------------------------
@@ -238,7 +54,7 @@ def text2music(
     x = noise.draw("manual", shape).to(device, dtype)
     if retake_variance:
         x = retake_mix(x, noise.draw("retake", shape).to(device, dtype), retake_variance)
-    sigmas = _sigmas(options, dtype)
+    sigmas = schedule_sigmas(options, dtype)
     branches = encode_branches(transformer, cond, batch_size, options.guidance, need_uncond=options.guidance.do_cfg)
     return _run_sampler(transformer, branches, x, sigmas, options, noise, callback)
 
@@ -319,7 +135,7 @@ def repaint(
     branches = encode_branches(transformer, cond, batch_size, options.guidance, need_uncond=options.guidance.do_cfg)
     if end_frame - start_frame == frames:
         x = retake_mix(n0, nr, variance)
-        return _run_sampler(transformer, branches, x, _sigmas(options, dtype), options, noise, callback)
+        return _run_sampler(transformer, branches, x, schedule_sigmas(options, dtype), options, noise, callback)
     mask = torch.zeros(shape, device=device, dtype=dtype)
     mask[..., start_frame:end_frame] = 1
     z = torch.where(mask == 1, retake_mix(n0, nr, variance), n0)
@@ -444,12 +260,14 @@ def flow_edit(
     n_min, n_max = int(n * edit.n_min), int(n * edit.n_max)
     frames = torch.ones(x_src.shape[0] * (2 if do_cfg else 1), x_src.shape[-1], device=device, dtype=dtype)
     # fast path: each condition's cross-attention K/V once per edit, not at every call (as in text2music)
-    kv = {id(s): transformer.cross_kv(s) for s in (src_states, tar_states)} if options.reuse_cross_kv else {}
+    kv = {id(s): transformer.cross_kv(s) for s in (src_states, tar_states)} if options.speed.reuse_cross_kv else {}
 
-    def v_of(z: Tensor, t_value: Tensor, states: Tensor, mask: Tensor, momentum: MomentumBuffer | None) -> Tensor:
+    def v_of(z: Tensor, t_value: Tensor, states: Tensor, mask: Tensor, momentum: MomentumBuffer | None,
+             cond: Conditioning) -> Tensor:
         inp = torch.cat([z, z]) if do_cfg else z
-        v = transformer.decode(inp, frames, states, mask, t_value.expand(inp.shape[0]), cross_kv=kv.get(id(states)),
-                             linear_ff=options.linear_ff)
+        with conditional_rows(cond, slice(0, z.shape[0])):                  # conditional rows first
+            v = transformer.decode(inp, frames, states, mask, t_value.expand(inp.shape[0]),
+                                   cross_kv=kv.get(id(states)), linear_ff=options.speed.linear_ff)
         if not do_cfg:
             return v
         v_c, v_u = v.chunk(2)
@@ -467,15 +285,15 @@ def flow_edit(
                 eps = noise.draw("retake", shape).to(device, dtype)
                 z_src = (1 - t_i) * x_src + t_i * eps
                 z_tar = z_edit + z_src - x_src
-                v_src = v_of(z_src, t[i], src_states, src_mask, momentum_src)
-                v_tar = v_of(z_tar, t[i], tar_states, tar_mask, None)
+                v_src = v_of(z_src, t[i], src_states, src_mask, momentum_src, source_cond)
+                v_tar = v_of(z_tar, t[i], tar_states, tar_mask, None, target_cond)
                 delta = delta + (1 / edit.n_avg) * (v_tar - v_src)
             z_edit = (z_edit.float() + (t_next - t_i) * delta).to(dtype)
         else:
             if i == n_max:
                 eps = noise.draw("retake", shape).to(device, dtype)
                 x_tar = z_edit + (sigmas[i] * eps + (1 - sigmas[i]) * x_src) - x_src
-            v_tar = v_of(x_tar, t[i], tar_states, tar_mask, momentum_tar)
+            v_tar = v_of(x_tar, t[i], tar_states, tar_mask, momentum_tar, target_cond)
             if options.scheduler == "pingpong":
                 x_tar = (x_tar.float() - t_i * v_tar.float())
                 x_tar = ((1 - t_next) * x_tar + t_next * noise.draw_shared("retake", shape).float()).to(dtype)
@@ -486,9 +304,25 @@ def flow_edit(
     return z_edit if x_tar is None else x_tar
 
 
-def with_options(options: SamplerOptions, **changes) -> SamplerOptions:
-    """A copy of `options` with some fields (or guidance fields) changed."""
-    guidance_fields = {k: changes.pop(k) for k in list(changes) if hasattr(options.guidance, k)}
-    if guidance_fields:
-        changes["guidance"] = replace(options.guidance, **guidance_fields)
-    return replace(options, **changes)
+TASKS = ("text2music", "repaint", "extend", "audio2audio")
+"""The tasks `run_task` runs by name (flow edit has two conditionings and its own entry point)."""
+
+
+def run_task(task: str, transformer, cond: Conditioning, source: Tensor, settings: dict, **common) -> Tensor:
+    """Run one task by name on `source` with its settings (the sampler node's latent mark, design §8).
+
+    `settings`: text2music {"retake_variance"} (source gives the length); repaint {"start_frame", "end_frame",
+    "variance"}; extend {"left_frames", "right_frames", "variance"}; audio2audio {"ref_strength"}. `common` is
+    batch_size / options / noise / callback, as every task takes them.
+    """
+    if task == "text2music":
+        return text2music(transformer, cond, source.shape[-1], retake_variance=settings["retake_variance"], **common)
+    if task == "repaint":
+        return repaint(transformer, cond, source, settings["start_frame"], settings["end_frame"],
+                       variance=settings["variance"], **common)
+    if task == "extend":
+        return extend(transformer, cond, source, settings["left_frames"], settings["right_frames"],
+                      variance=settings["variance"], **common)
+    if task == "audio2audio":
+        return audio2audio(transformer, cond, source, ref_strength=settings["ref_strength"], **common)
+    raise ValueError(f"task must be one of {TASKS}, got {task!r}")

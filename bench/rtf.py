@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -463,11 +463,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for steps in args.steps:
             for batch in args.batch:
                 setting = Setting(seconds, steps, batch)
-                fast_options = tasks.SamplerOptions(steps=steps, compile=args.compile,
-                                                    **{name: getattr(args, name) for name in FAST_FLAGS})
+                fast_options = tasks.SamplerOptions(steps=steps, speed=tasks.SpeedOptions(
+                    compile=args.compile, **{name: getattr(args, name) for name in FAST_FLAGS}))
                 runs = {}
                 for variant in variants:
-                    options = fast.eager_options(fast_options) if variant == "eager" else fast_options
+                    options = replace(fast_options, speed=tasks.EAGER) if variant == "eager" else fast_options
                     runs[variant] = bench_setting(models, inputs, setting, variant, options, offloader=offloader,
                                                   warmup=args.warmup, repeats=args.repeats, seed=args.seed)
                     report["results"].append(runs[variant][0])

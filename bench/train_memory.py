@@ -3,7 +3,7 @@
 GPU, real 3.5B configuration with random weights (speed and memory do not depend on the values):
     python -m bench.train_memory --random-weights --precision bf16-mixed --rank 16 --seconds 240
 CPU, the tiny checkpoint (what runs without a GPU):
-    python -m bench.train_memory --checkpoint ../shared/tiny/acestep-v1-tiny --seconds 10
+    python -m bench.train_memory --checkpoint tests/data/tiny/acestep-v1-tiny --seconds 10
 CPU, real configuration built on the meta device: only the static part (weights, gradients, AdamW moments):
     python -m bench.train_memory --random-weights
 
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from acestep_core.latent import frames_at
 from acestep_core.loading import load_acestep
 from acestep_core.models.transformer import AceStepTransformer, TransformerConfig
 from acestep_core.train.lora_layers import LoraSpec
@@ -78,7 +79,7 @@ def peak_rss_gib() -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default=str(REPO.parent / "shared" / "tiny" / "acestep-v1-tiny"))
+    parser.add_argument("--checkpoint", default=str(REPO / "tests" / "data" / "tiny" / "acestep-v1-tiny"))
     parser.add_argument("--random-weights", action="store_true", help="real config with random weights (GPU)")
     parser.add_argument("--mode", choices=("lora", "full"), default="lora")
     parser.add_argument("--rank", type=int, default=16)
@@ -123,7 +124,7 @@ def main() -> int:
         weights_gib = rss_gib()
 
     cfg = transformer.config
-    frames = int(args.seconds * 44100 / 512 / 8)
+    frames = frames_at(args.seconds)
     batch = args.batch_size
     table = training_sigmas(3.0)
     generator = torch.Generator().manual_seed(0)

@@ -9,6 +9,7 @@ from .download import AceStepDownload
 from .latents import AceStepAudio2Audio, AceStepEmptyLatent, AceStepExtend, AceStepRepaintRegion
 from .loaders import AceStepLoader, AceStepLoraLoader
 from .longform import AceStepLongForm
+from .params import AceStepGenrePreset, AceStepLoadParams, AceStepSaveAudio
 from .preview import AceStepPreviewImage
 from .sampling import AceStepFlowEdit, AceStepSampler, AceStepSamplerOptions
 from .stemgen import AceStepSinging2Accompaniment, AceStepStemGen, AceStepStemGenLoader
@@ -35,6 +36,9 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "AceStepStemGenLoader": "ACE-Step StemGen Loader",
     "AceStepStemGen": "ACE-Step StemGen",
     "AceStepSinging2Accompaniment": "ACE-Step Singing2Accompaniment",
+    "AceStepLoadParams": "ACE-Step Load Params",
+    "AceStepSaveAudio": "ACE-Step Save Audio",
+    "AceStepGenrePreset": "ACE-Step Genre Preset",
 }
 
 NODE_CLASS_MAPPINGS = {
@@ -44,5 +48,6 @@ NODE_CLASS_MAPPINGS = {
         AceStepSamplerOptions, AceStepRepaintRegion, AceStepExtend, AceStepAudio2Audio, AceStepFlowEdit,
         AceStepEncode, AceStepDecode, AceStepPreviewImage, AceStepDownload,
         AceStepLyricTiming, AceStepLongForm, AceStepStemGenLoader, AceStepStemGen, AceStepSinging2Accompaniment,
+        AceStepLoadParams, AceStepSaveAudio, AceStepGenrePreset,
     )
 }

@@ -172,3 +172,96 @@ def temp_folder() -> tuple[Path, str]:
     if folder_paths is not None:
         return Path(folder_paths.get_temp_directory()), "temp"
     return Path(tempfile.gettempdir()) / "acestep_pack", "temp"
+
+
+def output_folder() -> Path:
+    """ComfyUI's output directory, else ./output."""
+    folder_paths = comfy_module("folder_paths")
+    return Path(folder_paths.get_output_directory()) if folder_paths is not None else Path.cwd() / "output"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ComfyUI's memory manager (docs/comfyui.md, "Memory: the models live in ComfyUI's memory manager")
+
+_PATCHER_CLASS: type | None = None
+
+
+def memory_manager() -> ModuleType | None:
+    """comfy.model_management when ComfyUI's memory manager (ModelPatcher + load_models_gpu) is there, else None."""
+    mm = comfy_module("comfy.model_management")
+    patcher = comfy_module("comfy.model_patcher")
+    if mm is None or patcher is None:
+        return None
+    if not all(hasattr(mm, name) for name in ("load_models_gpu", "loaded_models", "unet_offload_device")):
+        return None
+    return mm if hasattr(patcher, "ModelPatcher") else None
+
+
+def _patcher_class() -> type:
+    """ComfyUI's ModelPatcher, unloaded whole, calling `on_detach(patcher)` after ComfyUI unloads it (built once)."""
+    global _PATCHER_CLASS
+    if _PATCHER_CLASS is None:
+        base = comfy_module("comfy.model_patcher").ModelPatcher
+
+        class AceStepPatcher(base):
+            """A ComfyUI ModelPatcher that reports when ComfyUI's memory manager unloads it."""
+
+            on_detach = None
+
+            def partially_unload(self, *args, **kwargs):
+                # The pack's modules cannot run split between two devices: freeing nothing here makes ComfyUI
+                # unload the whole component instead (LoadedModel.model_unload then calls detach).
+                return 0
+
+            def detach(self, *args, **kwargs):
+                result = super().detach(*args, **kwargs)
+                if self.on_detach is not None:
+                    self.on_detach(self)
+                return result
+
+        _PATCHER_CLASS = AceStepPatcher
+    return _PATCHER_CLASS
+
+
+def staging_device(device: torch.device) -> torch.device:
+    """Where a model meant for `device` is read from disk: inside ComfyUI its offload device (the CPU, or the GPU
+    itself under --highvram), and ComfyUI's memory manager moves each component to `device` when a node runs it;
+    elsewhere `device` itself."""
+    mm = memory_manager()
+    if mm is None or device.type == "cpu":
+        return device
+    return torch.device(mm.unet_offload_device())
+
+
+def offload_device(kind: str, load_device: torch.device) -> torch.device:
+    """Where ComfyUI parks a model of `kind` ("unet", "text", "vae") it unloads: its own rule (the GPU itself under
+    --highvram / --gpu-only, else the CPU); the load device itself when that is the CPU."""
+    mm = memory_manager()
+    if mm is None or load_device.type == "cpu":
+        return load_device
+    rule = {"unet": "unet_offload_device", "text": "text_encoder_offload_device", "vae": "vae_offload_device"}[kind]
+    return torch.device(getattr(mm, rule)())
+
+
+def model_patcher(module: torch.nn.Module, load_device: torch.device, offload: torch.device, on_detach):
+    """A ComfyUI ModelPatcher for `module` (loaded on `load_device`, parked on `offload`) calling `on_detach(patcher)`
+    whenever ComfyUI unloads it."""
+    patcher = _patcher_class()(module, load_device=load_device, offload_device=offload)
+    patcher.on_detach = on_detach
+    return patcher
+
+
+def load_models(patchers: list) -> None:
+    """Have ComfyUI load these patchers' models on their load device (unloading others when memory is short).
+
+    Whole components are loaded (force_full_load): the pack's modules are plain torch layers, which ComfyUI's
+    per-layer partial loading cannot run from the offload device."""
+    mm = memory_manager()
+    if mm is not None and patchers:
+        mm.load_models_gpu(list(patchers), force_full_load=True)
+
+
+def loaded_patchers() -> list:
+    """The ModelPatchers ComfyUI's memory manager holds loaded right now (empty outside ComfyUI)."""
+    mm = memory_manager()
+    return list(mm.loaded_models()) if mm is not None else []

@@ -5,6 +5,7 @@ import torch
 
 from ..acestep_core import audio as codec
 from ..acestep_core import fast
+from ..acestep_core.params import app_default
 from . import bridge, wire
 from .model import ModelHandle, model_for, on_device
 from .wire import CATEGORY, MODEL
@@ -34,7 +35,7 @@ class AceStepEncode:
 
     def encode(self, model: ModelHandle, audio: dict):
         waveform, rate = wire.check_audio(audio, "audio")
-        loaded = model_for(model)
+        loaded = model_for(model, ("dcae", "vocoder"))
         progress = bridge.Progress(waveform.shape[0])
         with on_device(model, loaded.dcae, loaded.vocoder):
             latents = codec.encode_audio(loaded.dcae, loaded.vocoder.mel_transform, waveform, rate,
@@ -60,8 +61,9 @@ class AceStepDecode:
                 "model": (MODEL, {"tooltip": "ACE-Step model (its audio decoder and vocoder are used)."}),
                 "latent": ("LATENT", {"tooltip": "Latent from the ACE-Step Sampler, Flow Edit or Encode Audio."}),
                 "sample_rate": (list(OUTPUT_RATES), {
-                    "default": "44100",
-                    "tooltip": "Output rate: 44100 (the vocoder's rate) or 48000 (resampled, as the official app).",
+                    "default": str(app_default("sample_rate")),
+                    "tooltip": "Output rate: 48000 (resampled, what the official app saves) or 44100 (the "
+                               "vocoder's own rate).",
                 }),
             },
             "optional": {
@@ -78,7 +80,7 @@ class AceStepDecode:
         if str(sample_rate) not in OUTPUT_RATES:
             raise ValueError(f"sample_rate must be one of {OUTPUT_RATES}, got {sample_rate!r}")
         samples = wire.samples_of(latent, "latent")
-        loaded = model_for(model)
+        loaded = model_for(model, ("dcae", "vocoder"))
         progress = bridge.Progress(samples.shape[0] * 2)
         with on_device(model, loaded.dcae, loaded.vocoder):
             waveform = fast.decode(loaded.dcae, loaded.vocoder, samples, sample_rate=int(sample_rate),
@@ -90,4 +92,7 @@ class AceStepDecode:
                 "decoded audio contains NaN or infinite samples (the latent is out of range); try dtype fp32 on the "
                 "loader or fewer extreme settings"
             )
-        return ({"waveform": waveform, "sample_rate": int(sample_rate)},)
+        audio = {"waveform": waveform, "sample_rate": int(sample_rate)}
+        if isinstance(latent.get("acestep_params"), list):  # the sampler's settings, for ACE-Step Save Audio
+            audio["acestep_params"] = latent["acestep_params"]
+        return (audio,)

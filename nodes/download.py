@@ -8,15 +8,14 @@ missing one fails with an error that says where to put the files.
 """
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..acestep_core.errors import ModelDownloadError
-from ..acestep_core.loading import ALL_COMPONENTS, DEFAULT_REPO, LAYOUTS, _is_network_error
+from ..acestep_core.download import hf_download
+from ..acestep_core.loading import ALL_COMPONENTS, DEFAULT_REPO, LAYOUTS
 from . import bridge, files
 from .loaders import REPO_ID
 from .wire import CATEGORY
@@ -30,8 +29,6 @@ PATTERNS = {
 }
 REPORT_INTERVAL = 0.25
 """Seconds between two progress reports to the editor (the last one is always sent)."""
-
-log = logging.getLogger(__name__)
 
 
 def target_folder(target: str) -> Path:
@@ -119,32 +116,14 @@ def forwarding_tqdm(sink: ProgressSink) -> type[tqdm]:
 
 def fetch_repo(repo_id: str, target: str) -> Path:
     """snapshot_download `repo_id` into the `target` model folder; the local folder."""
-    import huggingface_hub
-    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
     folder = target_folder(target) / repo_id.split("/")[-1]
-    sink = ProgressSink()
-    try:
-        got = Path(huggingface_hub.snapshot_download(
-            repo_id, local_dir=str(folder), allow_patterns=PATTERNS[target], tqdm_class=forwarding_tqdm(sink),
-        ))
-    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as exc:
-        raise ModelDownloadError(
-            f"could not download {repo_id}: the repository does not exist or needs access rights ({exc}); check "
-            f"repo_id (e.g. {DEFAULT_REPO} or {LORA_REPO}) or log in with `hf auth login`"
-        ) from exc
-    except Exception as exc:
-        if not _is_network_error(exc):
-            raise
-        if is_complete(folder, target):
-            log.warning("ACE-Step download: offline, using %s as it is on disk (%s)", folder, exc)
-            return folder
-        raise ModelDownloadError(
-            f"could not download {repo_id}: no network, or Hugging Face offline mode (HF_HUB_OFFLINE) is on "
-            f"({type(exc).__name__}: {exc}). On a machine with network run `hf download {repo_id} "
-            f"--local-dir {folder.name}` and copy that folder to {folder}; a partial download there resumes next "
-            "time"
-        ) from exc
+    got = hf_download(
+        repo_id, folder, PATTERNS[target], progress=forwarding_tqdm(ProgressSink()),
+        usable=lambda path: is_complete(path, target),
+        not_found_fix=f"check repo_id (e.g. {DEFAULT_REPO} or {LORA_REPO}) or log in with `hf auth login`",
+        offline_fix=f"on a machine with network run `hf download {repo_id} --local-dir {folder.name}` and copy "
+                    f"that folder to {folder}; a partial download there resumes next time",
+    )
     if not is_complete(got, target):
         other = "loras" if target == bridge.ACE_STEP_CATEGORY else bridge.ACE_STEP_CATEGORY
         raise ValueError(

@@ -10,33 +10,25 @@ from __future__ import annotations
 
 import functools
 import os
-import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..acestep_core.loading import ALL_COMPONENTS, LAYOUTS
 from ..acestep_core.lora import OFFICIAL_FILENAME
+from ..acestep_core.safetensors_header import header_bytes
 from . import bridge
 
 CHECKPOINT_FOLDERS = tuple(LAYOUTS[c].folder for c in ALL_COMPONENTS)
 CHECKPOINT_MARKERS = (b'"model.diffusion_model.genre_embedder.weight"',)
 LORA_MARKERS = (b".lora_A.", b".lora_down.", b'"lora_unet_')
 MAX_DEPTH = 4
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
 @functools.lru_cache(maxsize=4096)
 def _header_has(path: str, mtime_ns: int, size: int, markers: tuple[bytes, ...]) -> bool:
     """Whether the safetensors JSON header of one file version contains any of `markers`."""
-    try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > min(MAX_HEADER_BYTES, size):
-                return False
-            header = f.read(length)
-    except (OSError, struct.error):
-        return False
-    return any(m in header for m in markers)
+    header = header_bytes(path)
+    return header is not None and any(m in header for m in markers)
 
 
 def _file_has(path: Path, markers: tuple[bytes, ...]) -> bool:

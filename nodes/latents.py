@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ..acestep_core.tasks import LATENT_CHANNELS, LATENT_HEIGHT
+from ..acestep_core.latent import LATENT_CHANNELS, LATENT_HEIGHT
+from ..acestep_core.params import resolve_duration
 from . import wire
 from .wire import CATEGORY, MAX_SECONDS
 
@@ -33,8 +34,9 @@ class AceStepEmptyLatent:
         return {
             "required": {
                 "seconds": ("FLOAT", {
-                    "default": 60.0, "min": 1.0, "max": MAX_SECONDS, "step": 0.1,
-                    "tooltip": "Song length in seconds (10.77 latent frames per second; the model knows up to 240 s).",
+                    "default": 60.0, "min": -1.0, "max": MAX_SECONDS, "step": 0.1,
+                    "tooltip": "Song length in seconds (10.77 latent frames per second; the model knows up to 240 s); "
+                               "-1 = a random length of 30-240 s, as the official app.",
                 }),
                 "batch_size": ("INT", {
                     "default": 1, "min": 1, "max": 64,
@@ -43,7 +45,13 @@ class AceStepEmptyLatent:
             },
         }
 
+    @classmethod
+    def IS_CHANGED(cls, seconds: float, batch_size: int):
+        return float("nan") if seconds == -1 else (seconds, batch_size)  # -1 draws a new length every run
+
     def make(self, seconds: float, batch_size: int):
+        if seconds == -1:
+            seconds = resolve_duration(seconds)
         frames = wire.seconds_to_frames(wire.check_seconds("seconds", seconds))
         if frames < 1:
             raise ValueError(f"seconds={seconds} is shorter than one latent frame (0.093 s); use at least 1 s")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from ..acestep_core import fast
@@ -62,9 +63,10 @@ class AceStepLoader:
                 }),
                 "low_vram": ("BOOLEAN", {
                     "default": False,
-                    "tooltip": "Low VRAM: keep the model in CPU memory and move each part to the GPU only while it "
-                               "runs (text encoder, transformer, audio decoder). A 240 s song then needs under 8 GB "
-                               "of GPU memory; each node pays a few seconds of copying.",
+                    "tooltip": "Low VRAM: have ComfyUI load each part onto the GPU only for the step that runs it "
+                               "(text encoder, transformer, audio decoder), never the whole model at once; ComfyUI "
+                               "unloads the others when it needs the room. A 240 s song then needs under 8 GB of GPU "
+                               "memory; each step pays a few seconds of copying.",
                 }),
                 "torch_compile": ("BOOLEAN", {
                     "default": False,
@@ -75,10 +77,15 @@ class AceStepLoader:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, checkpoint, repo_id=""):
-        if (repo_id or "").strip() or checkpoint in files.checkpoints():
+    def VALIDATE_INPUTS(cls, checkpoint):
+        # One argument: ComfyUI repeats a failed check's message once per argument it passed (execution.py,
+        # validate_inputs). With no checkpoint installed at all the value is free: load() downloads repo_id or
+        # says what is missing.
+        listing = files.checkpoints()
+        if checkpoint in listing or not listing:
             return True
-        return f"checkpoint {checkpoint!r} is not in models/ace_step or models/checkpoints; pick one or set repo_id"
+        return (f"checkpoint {checkpoint!r} is not in models/ace_step or models/checkpoints; pick a listed one "
+                "(with repo_id set, any listed value will do: the download is used instead)")
 
     def load(self, checkpoint: str, dtype: str, device: str, repo_id: str = "", low_vram: bool = False,
              torch_compile: bool = False):
@@ -87,8 +94,12 @@ class AceStepLoader:
         path = repo_path(repo_id) if repo_id else files.resolve("checkpoint", checkpoint, files.checkpoints())
         levers = fast.Levers(cpu_offload=bool(low_vram), torch_compile=bool(torch_compile))
         handle = ModelHandle(make_key(path, choose_dtype(dtype, target), target), levers=levers)
-        fast.placement(model_for(handle), levers.cpu_offload)  # low VRAM: off the GPU until a node needs a part
-        return (handle,)
+        model = model_for(handle, components=())
+        if bridge.memory_manager() is None:
+            # low VRAM outside ComfyUI: off the GPU until a node needs a part (the cached model follows the last
+            # loader's mode); inside ComfyUI its memory manager places every component (nodes/model.py, on_device)
+            fast.placement(model, levers.cpu_offload)
+        return (replace(handle, model=model),)
 
 
 class AceStepLoraLoader:

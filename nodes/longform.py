@@ -3,16 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from ..acestep_core import fast, longform, tasks
-from ..acestep_core.lyric_timing import to_lrc
-from ..acestep_core.noise import MAX_SEED, SeededNoise
-from ..acestep_core.sampling.denoiser import CFG_TYPES, GuidanceConfig
+from ..acestep_core import longform, tasks
+from ..acestep_core.params import app_default
 from . import bridge, wire
+from .sampling import DEFAULTS, sampler_widgets
 from .model import ModelHandle, model_for, on_device, transformer_for
 from .wire import CATEGORY, COND, MODEL, OPTIONS
 
-GUIDANCE = GuidanceConfig()
-DEFAULTS = tasks.SamplerOptions()
 OUTPUT_RATES = ("44100", "48000")
 MAX_LONG_SECONDS = 3600.0
 
@@ -56,30 +53,17 @@ class AceStepLongForm:
                     "tooltip": "Music of the previous window each window continues from (and the crossfade length); "
                                "at most half a window.",
                 }),
-                "seed": ("INT", {
-                    "default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
-                    "tooltip": "Seed of the noise of every window (the extension noise uses seed + 1).",
-                }),
-                "steps": ("INT", {"default": DEFAULTS.steps, "min": 1, "max": 1000,
-                                  "tooltip": "Sampling steps per window (official default 60)."}),
-                "scheduler": (list(tasks.SCHEDULERS), {
-                    "default": DEFAULTS.scheduler,
-                    "tooltip": "Sampler of the first window; the extension windows step with Euler, as official "
-                               "extend.",
-                }),
-                "cfg_type": (list(CFG_TYPES), {"default": GUIDANCE.cfg_type,
-                                               "tooltip": "Guidance: apg (official), cfg, or cfg_star."}),
-                "guidance_scale": ("FLOAT", {
-                    "default": GUIDANCE.guidance_scale, "min": 0.0, "max": 200.0, "step": 0.1,
-                    "tooltip": "Guidance strength (official 15; 0 or 1 switch guidance off).",
-                }),
-                "omega_scale": ("FLOAT", {
-                    "default": GUIDANCE.omega_scale, "min": -100.0, "max": 100.0, "step": 0.1,
-                    "tooltip": "Granularity scale of the first window's Euler/Heun steps (official 10).",
-                }),
+                **sampler_widgets(
+                    seed="Seed of the noise of every window (the extension noise uses seed + 1).",
+                    steps="Sampling steps per window (official default 60).",
+                    scheduler="Sampler of the first window; the extension windows step with Euler, as official extend.",
+                    cfg_type="Guidance: apg (official), cfg, or cfg_star.",
+                    omega_scale="Granularity scale of the first window's Euler/Heun steps (official 10).",
+                ),
                 "sample_rate": (list(OUTPUT_RATES), {
-                    "default": "44100",
-                    "tooltip": "Output rate: 44100 (the model's) or 48000 (resampled once at the end).",
+                    "default": str(app_default("sample_rate")),
+                    "tooltip": "Output rate: 48000 (resampled once at the end, as the official app saves) or "
+                               "44100 (the model's).",
                 }),
             },
             "optional": {
@@ -112,8 +96,7 @@ class AceStepLongForm:
         )
         transformer = transformer_for(model)
         loaded = model_for(model)
-        p = next(transformer.parameters())
-        noise = SeededNoise([int(seed)], [(int(seed) + 1) % (MAX_SEED + 1)], fast.compute_device(transformer), p.dtype)
+        noise = wire.noise_for(transformer, seed, 1)
         progress = bridge.Progress(int(steps))
 
         def decode(z):  # low VRAM: the decoder's own phase, the transformer waits in CPU memory meanwhile
@@ -126,11 +109,5 @@ class AceStepLongForm:
                 overlap_seconds=float(overlap_seconds), options=settings, sample_rate=int(sample_rate),
                 crossfade=crossfade, timing=bool(lyric_timing), decode=decode, callback=progress.update,
             )
-        plan = "\n\n".join(
-            f"# window {i + 1}: {wire.frames_to_seconds(w.start):.1f}-{wire.frames_to_seconds(w.end):.1f} s\n"
-            + (text if text.strip() else "(instrumental)")
-            for i, (w, text) in enumerate(zip(song.windows, song.lyrics))
-        )
-        lrc = to_lrc(song.lines, float(seconds)) if song.lines is not None else ""
         audio = {"waveform": song.waveform.to(torch.float32), "sample_rate": song.sample_rate}
-        return (audio, {"samples": song.latent, "type": "audio"}, plan, lrc)
+        return (audio, {"samples": song.latent, "type": "audio"}, song.window_plan(), song.lrc(seconds))

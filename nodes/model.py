@@ -7,8 +7,9 @@ sampling.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ import torch
 from ..acestep_core import fast
 from ..acestep_core.loading import AceStepModel, load_acestep
 from ..acestep_core.lora import LoraWeights, ensure_loras, load_lora_file
-from . import bridge
+from . import bridge, comfy_models
 from .cache import MODELS, ModelKey
 
 SOCKET = "ACESTEP_MODEL"
@@ -40,6 +41,9 @@ class ModelHandle:
     key: ModelKey
     loras: tuple[LoraEntry, ...] = ()
     levers: fast.Levers = fast.Levers()  # the loader's low_vram / torch_compile switches
+    # The loaded model, held while ComfyUI keeps this handle as a node output (after ComfyUI's memory manager has
+    # unloaded the model, the cache lets go of it and this is what keeps it; see nodes/comfy_models.py).
+    model: object = field(default=None, compare=False, repr=False)
 
     def with_lora(self, entry: LoraEntry) -> ModelHandle:
         """A new handle with `entry` stacked on top (this one is unchanged)."""
@@ -80,13 +84,16 @@ def _weights_bytes(path: Path) -> int:
 
 
 def _load(key: ModelKey, in_cpu_memory: bool = False) -> AceStepModel:
-    """Load every component of a checkpoint, with a progress bar over the components.
+    """Load every component of a checkpoint, with a progress bar over the components (inside ComfyUI onto its offload
+    device: `comfy_models.use` has ComfyUI move each component to key.device when a node runs it).
 
-    `in_cpu_memory` (the loader's low_vram): the weights are read into CPU memory and stay there (low-VRAM mode,
-    acestep_core.fast.placement), so the whole model is never on the GPU at once, not even while loading.
+    `in_cpu_memory` (the loader's low_vram outside ComfyUI): the weights are read into CPU memory and stay there
+    (low-VRAM mode, acestep_core.fast.placement), so the whole model is never on the GPU at once, not even while
+    loading.
     """
     device = torch.device(key.device)
     if not in_cpu_memory:
+        device = bridge.staging_device(device)
         bridge.free_memory(_weights_bytes(Path(key.path)), device)
     progress = bridge.Progress(4)
     model = load_acestep(
@@ -99,18 +106,45 @@ def _load(key: ModelKey, in_cpu_memory: bool = False) -> AceStepModel:
     return model
 
 
-def model_for(handle: ModelHandle) -> AceStepModel:
-    """The loaded model of a handle (loaded again if the cache dropped it)."""
+def model_for(handle: ModelHandle, components=comfy_models.ALL, extra: dict | None = None) -> AceStepModel:
+    """The loaded model of a handle (loaded again if the cache dropped it).
+
+    Inside ComfyUI, `components` (and `extra` modules such as a StemGen branch) are then loaded by ComfyUI's memory
+    manager on the handle's device: pass everything the node is about to run, in one call.
+    """
     if not isinstance(handle, ModelHandle):
         raise ValueError(f"model must come from the ACE-Step Loader node, got {type(handle).__name__}")
-    if handle.levers.cpu_offload:
-        return MODELS.get(handle.key, lambda: _load(handle.key, in_cpu_memory=True))
-    return MODELS.get(handle.key, lambda: _load(handle.key))
+    key = handle.key
+    in_cpu_memory = handle.levers.cpu_offload and not _inside_comfyui()
+    model = MODELS.get(key, (lambda: _load(key, in_cpu_memory=True)) if in_cpu_memory else (lambda: _load(key)))
+    if handle.levers.cpu_offload and _inside_comfyui():
+        # low VRAM inside ComfyUI: nothing up front; `on_device` has ComfyUI load each phase's components
+        _mark_compute_device(model, torch.device(key.device))
+        components, extra = (), None
+    _comfy_load(model, key, components, extra)
+    return model
+
+
+def _inside_comfyui() -> bool:
+    return bridge.memory_manager() is not None
+
+
+def _comfy_load(model: AceStepModel, key: ModelKey, components, extra: dict | None = None) -> None:
+    comfy_models.use(model, torch.device(key.device), components, lambda loaded: MODELS.release(key, loaded), extra)
+
+
+def _mark_compute_device(model: AceStepModel, device: torch.device) -> None:
+    """Inside ComfyUI in low-VRAM mode a component may be parked on ComfyUI's offload device while a node makes its
+    noise: the noise is still made where the component computes (acestep_core.fast.compute_device)."""
+    for attribute, _, _ in comfy_models.COMPONENTS.values():
+        module = getattr(model, attribute, None)
+        if module is not None:
+            module._acestep_device = device
 
 
 def transformer_for(handle: ModelHandle) -> torch.nn.Module:
     """The transformer with exactly the handle's LoRAs applied (no work when they already are)."""
-    model = model_for(handle)
+    model = model_for(handle, ("transformer",))
     modes = {entry.honour_alpha for entry in handle.loras}
     if len(modes) > 1:
         raise ValueError(
@@ -122,11 +156,56 @@ def transformer_for(handle: ModelHandle) -> torch.nn.Module:
 
 
 def on_device(handle: ModelHandle, *modules: torch.nn.Module | None):
-    """Context for a node's work with `modules` of the handle's model: in low-VRAM mode (the loader's low_vram)
-    every component waits in CPU memory and only these are moved onto the device until the context ends; with
-    torch_compile the transformer blocks are compiled (the first call shows its cost as progress text)."""
-    model = model_for(handle)
-    return fast.phase(fast.prepare(model, handle.levers, notify=bridge.progress_text), *modules)
+    """Context for a node's work with `modules` of the handle's model (a phase); with torch_compile the transformer
+    blocks are compiled first (the first call shows its cost as progress text).
+
+    Low-VRAM mode (the loader's low_vram, docs/memory-and-speed.md): outside ComfyUI every component waits in CPU
+    memory and only `modules` are moved onto the device until the context ends (acestep_core.fast.Offloader).
+    Inside ComfyUI its memory manager does all placement: this asks it to load just `modules` (ComfyUI unloads the
+    others when it needs the room) and moves no weight itself.
+    """
+    model = model_for(handle, components=())
+    if not _inside_comfyui():
+        return fast.phase(fast.prepare(model, handle.levers, notify=bridge.progress_text), *modules)
+    fast.prepare(model, replace(handle.levers, cpu_offload=False), notify=bridge.progress_text)
+    if not handle.levers.cpu_offload:
+        return contextlib.nullcontext()
+    return _comfy_phase(handle, model, modules)
+
+
+_COMFY_PHASES: dict[int, list] = {}  # id(model) -> the modules of its open phases, outermost first (low VRAM)
+
+
+@contextlib.contextmanager
+def _comfy_phase(handle: ModelHandle, model: AceStepModel, modules):
+    """Low VRAM inside ComfyUI: ComfyUI loads the phase's modules; when an inner phase ends (Long Form decodes a
+    window inside its transformer phase) the outer phase's modules are loaded again, since ComfyUI may have
+    unloaded them to make room."""
+
+    def load(phase_modules) -> None:
+        names, extra = [], {}
+        for module in phase_modules:
+            if module is None:
+                continue
+            name = next((n for n, (attribute, _, _) in comfy_models.COMPONENTS.items()
+                         if getattr(model, attribute, None) is module), None)
+            if name is not None:
+                names.append(name)
+            else:
+                extra[comfy_models.STEMGEN[0]] = module  # the one module a node runs beside the model's own
+        _comfy_load(model, handle.key, names, extra)
+
+    stack = _COMFY_PHASES.setdefault(id(model), [])
+    load(modules)
+    stack.append(modules)
+    try:
+        yield
+    finally:
+        stack.pop()
+        if stack:
+            load(stack[-1])
+        else:
+            _COMFY_PHASES.pop(id(model), None)
 
 
 @functools.lru_cache(maxsize=8)

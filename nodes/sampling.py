@@ -1,18 +1,23 @@
 """Sampling nodes: the sampler (text2music, retake, repaint, extend, audio2audio), its advanced options, flow edit."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..acestep_core import fast, tasks
-from ..acestep_core.noise import MAX_SEED, SeededNoise
+from ..acestep_core.noise import MAX_SEED
+from ..acestep_core.params import EDIT_TYPES, app_default, edit_range
 from ..acestep_core.sampling.denoiser import CFG_TYPES, GuidanceConfig
 from ..acestep_core.validation import MemorySettings, call_explaining_oom
 from . import bridge, timing, wire
+from . import params as app_nodes
 from .model import ModelHandle, on_device, transformer_for
 from .wire import CATEGORY, COND, MODEL, OPTIONS
 
-GUIDANCE = GuidanceConfig()
-DEFAULTS = tasks.SamplerOptions()
+# the official app's UI values where they differ from the pipeline's (acestep_core.params.APP_DEFAULTS)
+GUIDANCE = GuidanceConfig(use_erg_lyric=app_default("use_erg_lyric"))
+DEFAULTS = tasks.SamplerOptions(guidance=GUIDANCE)
 EDIT_SCHEDULERS = ("euler", "pingpong")
 
 
@@ -20,25 +25,31 @@ def _seed_input(tooltip: str) -> tuple:
     return ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True, "tooltip": tooltip})
 
 
-# task name -> core call; `mark` is the latent's task mark (text2music: {"retake_variance": v}), `common` the
-# batch_size / options / noise / callback shared by every task.
-RUNNERS = {
-    "text2music": lambda transformer, cond, source, mark, **common: tasks.text2music(
-        transformer, cond, source.shape[-1], retake_variance=mark["retake_variance"], **common),
-    "repaint": lambda transformer, cond, source, mark, **common: tasks.repaint(
-        transformer, cond, source, mark["start_frame"], mark["end_frame"], variance=mark["variance"], **common),
-    "extend": lambda transformer, cond, source, mark, **common: tasks.extend(
-        transformer, cond, source, mark["left_frames"], mark["right_frames"], variance=mark["variance"], **common),
-    "audio2audio": lambda transformer, cond, source, mark, **common: tasks.audio2audio(
-        transformer, cond, source, ref_strength=mark["ref_strength"], **common),
+SAMPLER_TOOLTIPS = {
+    "seed": "Seed of the base noise (item i of a batch uses seed + i), as the official app.",
+    "steps": "Sampling steps (official default 60).",
+    "scheduler": "euler (default), heun (2 model calls per step) or pingpong (stochastic). Repaint and extend always "
+                 "step with Euler, as the official code.",
+    "cfg_type": "Guidance: apg (official default), plain cfg, or cfg_star (CFG-Zero*).",
+    "guidance_scale": "Guidance strength (official 15; 0 or 1 switch guidance off).",
+    "omega_scale": "Granularity scale of the Euler/Heun step (official 10; 0 = plain step).",
 }
 
 
-def _noise(transformer, latent: dict, batch: int, seed: int, retake_seed: int) -> SeededNoise:
-    """Official per-item generators on the model's device, in the model's dtype (design §7.9)."""
-    p = next(transformer.parameters())
-    device = fast.compute_device(transformer)
-    return SeededNoise(wire.seeds_for(seed, latent, batch), wire.seeds_for(retake_seed, latent, batch), device, p.dtype)
+def sampler_widgets(**tooltips: str) -> dict:
+    """The sampler's seed, steps, scheduler, cfg_type, guidance_scale and omega_scale widgets (in that order, with
+    the sampler's defaults and bounds) for every node that samples; `tooltips` replace the sampler's own."""
+    tip = {**SAMPLER_TOOLTIPS, **tooltips}
+    return {
+        "seed": _seed_input(tip["seed"]),
+        "steps": ("INT", {"default": DEFAULTS.steps, "min": 1, "max": 1000, "tooltip": tip["steps"]}),
+        "scheduler": (list(tasks.SCHEDULERS), {"default": DEFAULTS.scheduler, "tooltip": tip["scheduler"]}),
+        "cfg_type": (list(CFG_TYPES), {"default": GUIDANCE.cfg_type, "tooltip": tip["cfg_type"]}),
+        "guidance_scale": ("FLOAT", {"default": GUIDANCE.guidance_scale, "min": 0.0, "max": 200.0, "step": 0.1,
+                                     "tooltip": tip["guidance_scale"]}),
+        "omega_scale": ("FLOAT", {"default": GUIDANCE.omega_scale, "min": -100.0, "max": 100.0, "step": 0.1,
+                                  "tooltip": tip["omega_scale"]}),
+    }
 
 
 class AceStepSampler:
@@ -61,28 +72,7 @@ class AceStepSampler:
                 "latent": ("LATENT", {
                     "tooltip": "Empty latent (new song) or a latent marked by Repaint Region / Extend / Audio2Audio.",
                 }),
-                "seed": _seed_input("Seed of the base noise (item i of a batch uses seed + i), as the official app."),
-                "steps": ("INT", {
-                    "default": DEFAULTS.steps, "min": 1, "max": 1000,
-                    "tooltip": "Sampling steps (official default 60).",
-                }),
-                "scheduler": (list(tasks.SCHEDULERS), {
-                    "default": DEFAULTS.scheduler,
-                    "tooltip": "euler (default), heun (2 model calls per step) or pingpong (stochastic). Repaint "
-                               "and extend always step with Euler, as the official code.",
-                }),
-                "cfg_type": (list(CFG_TYPES), {
-                    "default": GUIDANCE.cfg_type,
-                    "tooltip": "Guidance: apg (official default), plain cfg, or cfg_star (CFG-Zero*).",
-                }),
-                "guidance_scale": ("FLOAT", {
-                    "default": GUIDANCE.guidance_scale, "min": 0.0, "max": 200.0, "step": 0.1,
-                    "tooltip": "Guidance strength (official 15; 0 or 1 switch guidance off).",
-                }),
-                "omega_scale": ("FLOAT", {
-                    "default": GUIDANCE.omega_scale, "min": -100.0, "max": 100.0, "step": 0.1,
-                    "tooltip": "Granularity scale of the Euler/Heun step (official 10; 0 = plain step).",
-                }),
+                **sampler_widgets(),
             },
             "optional": {
                 "options": (OPTIONS, {"tooltip": "Advanced settings from ACE-Step Sampler Options (else defaults)."}),
@@ -99,12 +89,17 @@ class AceStepSampler:
                     "tooltip": "Collect the lyric cross-attention while sampling, for ACE-Step Lyric Timing (the "
                                "song is unchanged; needs compile off).",
                 }),
+                "seeds": ("STRING", {
+                    "default": "",
+                    "tooltip": "One seed per batch item, as the official app's manual seeds ('1,2,3,4'; a shorter "
+                               "list repeats its last seed); empty = seed + i.",
+                }),
             },
         }
 
     def sample(self, model: ModelHandle, conditioning, latent: dict, seed: int, steps: int, scheduler: str,
                cfg_type: str, guidance_scale: float, omega_scale: float, options=None,
-               retake_variance: float = 0.0, retake_seed: int = 0, collect_lyric_timing: bool = False):
+               retake_variance: float = 0.0, retake_seed: int = 0, collect_lyric_timing: bool = False, seeds: str = ""):
         source = wire.samples_of(latent, "latent")
         cond = wire.check_conditioning(conditioning, "conditioning")
         mark = wire.mark_of(latent) or {"task": "text2music", "retake_variance": float(retake_variance)}
@@ -121,18 +116,20 @@ class AceStepSampler:
             guidance_scale=guidance_scale, omega_scale=omega_scale,
         )
         transformer = transformer_for(model)
-        noise = _noise(transformer, latent, source.shape[0], seed, retake_seed)
+        noise = wire.noise_for(transformer, seed, source.shape[0], retake_seed=retake_seed, latent=latent,
+                               seeds=app_nodes.listed_seeds(seeds, source.shape[0]))
         progress = bridge.Progress(steps)
         frames = source.shape[-1] + int(mark.get("left_frames", 0)) + int(mark.get("right_frames", 0))
-        memory = _memory_settings("sampling", transformer, frames, source.shape[0], settings.batch_branches)
+        memory = _memory_settings("sampling", transformer, frames, source.shape[0], settings.speed.batch_branches)
+        run = functools.partial(tasks.run_task, task, transformer, cond, source, mark, batch_size=source.shape[0],
+                                options=settings, noise=noise, callback=progress.step_callback())
         with torch.no_grad(), on_device(model, transformer):
-            out, collected = timing.sample_collecting(collect_lyric_timing, transformer, cond, lambda: call_explaining_oom(
-                lambda: RUNNERS[task](transformer, cond, source, mark, batch_size=source.shape[0], options=settings,
-                                      noise=noise, callback=progress.step_callback()),
-                memory,
-            ))
+            out, collected = timing.sample_collecting(collect_lyric_timing, transformer, cond,
+                                                      functools.partial(call_explaining_oom, run, memory))
         drop = (("noise_mask",) if out.shape[-1] != source.shape[-1] else ()) + (timing.TIMING_KEY,)
         result = wire.with_samples(latent, out, drop=drop)
+        result[app_nodes.PARAMS_KEY] = app_nodes.sampler_record(cond, source, settings, noise.seeds,
+                                                                noise.retake_seeds, mark, retake_variance)
         if collected is not None:
             result[timing.TIMING_KEY] = collected
         return (result,)
@@ -186,7 +183,7 @@ class AceStepSamplerOptions:
                 }),
                 "use_erg_lyric": ("BOOLEAN", {
                     "default": g.use_erg_lyric,
-                    "tooltip": "ERG on the lyrics (pipeline default on; the official UI turns it off).",
+                    "tooltip": "ERG on the lyrics (off as the official app's UI; the pipeline's default is on).",
                 }),
                 "use_erg_diffusion": ("BOOLEAN", {
                     "default": g.use_erg_diffusion,
@@ -210,7 +207,7 @@ class AceStepSamplerOptions:
                     "tooltip": "Schedule shift (official 3.0).",
                 }),
                 "batch_branches": ("BOOLEAN", {
-                    "default": DEFAULTS.batch_branches,
+                    "default": DEFAULTS.speed.batch_branches,
                     "tooltip": "Fast path: run the guidance branches in one batched model call (more memory, "
                                "tiny numerical differences from the official separate calls).",
                 }),
@@ -229,7 +226,7 @@ class AceStepSamplerOptions:
             use_zero_init=bool(use_zero_init),
         )
         return (tasks.SamplerOptions(guidance=guidance, oss_steps=oss_steps, shift=float(shift),
-                                     batch_branches=bool(batch_branches)),)
+                                     speed=tasks.SpeedOptions(batch_branches=bool(batch_branches))),)
 
 
 class AceStepFlowEdit:
@@ -282,13 +279,20 @@ class AceStepFlowEdit:
                     "tooltip": "Collect the target lyrics' cross-attention while editing, for ACE-Step Lyric "
                                "Timing (the result is unchanged; needs compile off).",
                 }),
+                "edit_type": (["custom", *EDIT_TYPES], {
+                    "default": "custom",
+                    "tooltip": "As the official app's Edit Type: only_lyrics sets n_min 0.6 / n_max 1.0 (same "
+                               "music, new words), remix 0.2 / 0.4 (melody and genre may change); custom uses the "
+                               "n_min / n_max widgets.",
+                }),
             },
         }
 
     def edit(self, model: ModelHandle, source_conditioning, target_conditioning, latent: dict, seed: int,
              steps: int, guidance_scale: float, scheduler: str, n_min: float, n_max: float, n_avg: int,
-             collect_lyric_timing: bool = False):
+             collect_lyric_timing: bool = False, edit_type: str = "custom"):
         source = wire.samples_of(latent, "latent")
+        n_min, n_max = edit_range(edit_type, n_min, n_max)
         src = wire.check_conditioning(source_conditioning, "source_conditioning")
         tgt = wire.check_conditioning(target_conditioning, "target_conditioning")
         if scheduler not in EDIT_SCHEDULERS:
@@ -297,16 +301,16 @@ class AceStepFlowEdit:
         options = tasks.SamplerOptions(steps=int(steps), scheduler=scheduler,
                                        guidance=GuidanceConfig(guidance_scale=float(guidance_scale)))
         transformer = transformer_for(model)
-        noise = _noise(transformer, latent, source.shape[0], seed, seed)
+        noise = wire.noise_for(transformer, seed, source.shape[0], retake_seed=seed, latent=latent)
         progress = bridge.Progress(steps)
-        memory = _memory_settings("editing", transformer, source.shape[-1], source.shape[0], options.batch_branches)
+        memory = _memory_settings("editing", transformer, source.shape[-1], source.shape[0], options.speed.batch_branches)
+        run = functools.partial(tasks.flow_edit, transformer, src, tgt, source, edit=edit, batch_size=source.shape[0],
+                                options=options, noise=noise, callback=progress.step_callback())
         with torch.no_grad(), on_device(model, transformer):
-            out, collected = timing.sample_collecting(collect_lyric_timing, transformer, tgt, lambda: call_explaining_oom(
-                lambda: tasks.flow_edit(transformer, src, tgt, source, edit=edit, batch_size=source.shape[0],
-                                        options=options, noise=noise, callback=progress.step_callback()),
-                memory,
-            ))
+            out, collected = timing.sample_collecting(collect_lyric_timing, transformer, tgt,
+                                                      functools.partial(call_explaining_oom, run, memory))
         result = wire.with_samples(latent, out, drop=(timing.TIMING_KEY,))
+        result[app_nodes.PARAMS_KEY] = app_nodes.edit_record(src, tgt, source, options, noise.retake_seeds, edit)
         if collected is not None:
             result[timing.TIMING_KEY] = collected
         return (result,)

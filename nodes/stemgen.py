@@ -12,21 +12,19 @@ from pathlib import Path
 
 import torch
 
-from ..acestep_core import fast, tasks
-from ..acestep_core.conditioning import encode_conditioning
-from ..acestep_core.noise import MAX_SEED, SeededNoise
-from ..acestep_core.sampling.denoiser import CFG_TYPES, GuidanceConfig
+from ..acestep_core import tasks
+from ..acestep_core.params import app_default
 from ..acestep_core.stemgen.control import StemGenControl
-from ..acestep_core.stemgen.generate import encode_reference, generate_latent, instrument_timbre, mix_with_reference
+from ..acestep_core.stemgen.generate import generate_accompaniment, generate_stem
 from ..acestep_core.stemgen.weights import StemGenWeights, is_stemgen_file, load_stemgen
 from . import bridge, files, wire
+from .sampling import DEFAULTS, sampler_widgets
 from .model import LoraEntry, ModelHandle, model_for, on_device, transformer_for
 from .wire import CATEGORY, MODEL, OPTIONS
 
 STEMGEN = "ACESTEP_STEMGEN"
-GUIDANCE = GuidanceConfig()
-DEFAULTS = tasks.SamplerOptions()
 OUTPUT_RATES = ("44100", "48000")
+NO_FILE = "(no StemGen file yet: see docs/stemgen.md)"  # the list's only entry until one is trained
 NO_WEIGHTS = (
     "No pretrained StemGen weights exist yet: train a file with python -m acestep_core.stemgen.train "
     "(docs/stemgen.md) and put it in models/loras."
@@ -75,26 +73,16 @@ def control_for(weights: StemGenWeights, transformer: torch.nn.Module) -> StemGe
     return control
 
 
-def _seed_input(tooltip: str) -> tuple:
-    return ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True, "tooltip": tooltip})
-
-
 def _sampling_inputs() -> dict:
     """The sampling widgets shared by both generation nodes (defaults of the ACE-Step Sampler)."""
     return {
-        "seed": _seed_input("Seed of the noise (item i of a batch uses seed + i)."),
-        "steps": ("INT", {"default": DEFAULTS.steps, "min": 1, "max": 1000,
-                          "tooltip": "Sampling steps (official default 60)."}),
-        "scheduler": (list(tasks.SCHEDULERS), {"default": DEFAULTS.scheduler,
-                                               "tooltip": "euler (default), heun or pingpong."}),
-        "cfg_type": (list(CFG_TYPES), {"default": GUIDANCE.cfg_type,
-                                       "tooltip": "Guidance: apg (official default), cfg, or cfg_star."}),
-        "guidance_scale": ("FLOAT", {
-            "default": GUIDANCE.guidance_scale, "min": 0.0, "max": 200.0, "step": 0.1,
-            "tooltip": "Guidance towards the tags (official 15; 0 or 1 = off). The reference steers every branch.",
-        }),
-        "omega_scale": ("FLOAT", {"default": GUIDANCE.omega_scale, "min": -100.0, "max": 100.0, "step": 0.1,
-                                  "tooltip": "Granularity scale of the Euler/Heun step (official 10)."}),
+        **sampler_widgets(
+            seed="Seed of the noise (item i of a batch uses seed + i).",
+            scheduler="euler (default), heun or pingpong.",
+            cfg_type="Guidance: apg (official default), cfg, or cfg_star.",
+            guidance_scale="Guidance towards the tags (official 15; 0 or 1 = off). The reference steers every branch.",
+            omega_scale="Granularity scale of the Euler/Heun step (official 10).",
+        ),
         "control_scale": ("FLOAT", {
             "default": 1.0, "min": 0.0, "max": 3.0, "step": 0.01,
             "tooltip": "Strength of the control branch (1 = as trained; 0 = the base model ignores the reference).",
@@ -103,16 +91,15 @@ def _sampling_inputs() -> dict:
             "default": 1.0, "min": -3.0, "max": 3.0, "step": 0.01,
             "tooltip": "Strength of the LoRA stored in the StemGen file (1 = as trained; 0 = off).",
         }),
-        "sample_rate": (list(OUTPUT_RATES), {"default": "44100",
+        "sample_rate": (list(OUTPUT_RATES), {"default": str(app_default("sample_rate")),
                                              "tooltip": "Output rate: 44100 (the vocoder's) or 48000 (official app)."}),
     }
 
 
-def _generate(task: str, model: ModelHandle, stemgen: StemGenWeights, reference: dict, tags: str,
-              instrument_audio: dict | None, seed: int, steps: int, scheduler: str, cfg_type: str,
-              guidance_scale: float, omega_scale: float, control_scale: float, lora_strength: float,
-              sample_rate: str, options) -> tuple[dict, dict]:
-    """Shared body of both nodes: (generated part, reference + generated part) as AUDIO."""
+def _inputs(task: str, model: ModelHandle, stemgen: StemGenWeights, reference: dict, steps: int, scheduler: str,
+            cfg_type: str, guidance_scale: float, omega_scale: float, lora_strength: float, sample_rate: str,
+            options) -> tuple[tuple, dict]:
+    """The checked inputs both nodes share: (model, transformer, control, waveform, rate) and the core settings."""
     if not isinstance(stemgen, StemGenWeights):
         raise ValueError(f"stemgen must come from the ACE-Step StemGen Loader node, got {type(stemgen).__name__}")
     if stemgen.task != task:
@@ -132,32 +119,20 @@ def _generate(task: str, model: ModelHandle, stemgen: StemGenWeights, reference:
     if stemgen.lora is not None and lora_strength != 0:
         honour = model.loras[-1].honour_alpha if model.loras else False
         handle = model.with_lora(LoraEntry(stemgen.lora, float(lora_strength), honour))
-    loaded = model_for(handle)
     transformer = transformer_for(handle)
     control = control_for(stemgen, transformer)
-    progress = bridge.Progress(steps)
-    codec_parts = (loaded.dcae, loaded.vocoder)
-    with torch.no_grad():  # each part on the device only for its phase in low-VRAM mode (the loader's low_vram)
-        with on_device(handle, loaded.text_encoder):
-            cond = encode_conditioning(loaded, tags, "", erg_tag=settings.guidance.use_erg_tag)
-        with on_device(handle, *codec_parts):
-            latent_ref = encode_reference(loaded, waveform, rate)
-            timbre = None
-            if instrument_audio is not None:
-                timbre = instrument_timbre(loaded, *wire.check_audio(instrument_audio, "instrument_audio"))
-        batch = latent_ref.shape[0]
-        parameter = next(transformer.parameters())
-        noise = SeededNoise(wire.seeds_for(seed, {}, batch), wire.seeds_for(seed, {}, batch),
-                            fast.compute_device(transformer), parameter.dtype)
-        with on_device(handle, transformer, control):
-            latent = generate_latent(transformer, control, cond, latent_ref, timbre=timbre,
-                                     control_scale=float(control_scale), options=settings, noise=noise,
-                                     callback=progress.step_callback())
-        with on_device(handle, *codec_parts):
-            part = fast.decode(loaded.dcae, loaded.vocoder, latent, sample_rate=int(sample_rate)).float()
-        mix = mix_with_reference(waveform, rate, part, int(sample_rate))
-    out_rate = int(sample_rate)
-    return ({"waveform": part.cpu(), "sample_rate": out_rate}, {"waveform": mix.cpu(), "sample_rate": out_rate})
+    loaded = model_for(handle, extra={"stemgen": control})  # everything this node runs, in one call
+    parts = (loaded, transformer, control, waveform, rate)
+    # each phase (text, audio codec, transformer + control, decode) through on_device: in low-VRAM mode (the
+    # loader's low_vram) only that phase's parts are on the device
+    return parts, {"options": settings, "sample_rate": int(sample_rate),
+                   "callback": bridge.Progress(steps).step_callback(),
+                   "phase": lambda *modules: on_device(handle, *modules)}
+
+
+def _audio_pair(part: torch.Tensor, mix: torch.Tensor, sample_rate: int) -> tuple[dict, dict]:
+    """(generated part, reference + part) as AUDIO."""
+    return ({"waveform": part.cpu(), "sample_rate": sample_rate}, {"waveform": mix.cpu(), "sample_rate": sample_rate})
 
 
 class AceStepStemGenLoader:
@@ -175,12 +150,22 @@ class AceStepStemGenLoader:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "control_name": (sorted(stemgen_files()), {
+                "control_name": (sorted(stemgen_files()) or [NO_FILE], {
                     "tooltip": "A .safetensors file written by python -m acestep_core.stemgen.train (it carries an "
                                "acestep_stemgen header). " + NO_WEIGHTS,
                 }),
             },
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, control_name):
+        listing = stemgen_files()
+        if control_name in listing:
+            return True
+        if not listing:
+            return f"no StemGen file in models/loras or models/ace_step. {NO_WEIGHTS}"
+        return (f"control_name {control_name!r} is not in models/loras or models/ace_step (found: "
+                f"{', '.join(sorted(listing))}); pick one, or train it: {NO_WEIGHTS}")
 
     def load(self, control_name: str):
         path = files.resolve("control_name", control_name, stemgen_files())
@@ -225,8 +210,14 @@ class AceStepStemGen:
     def generate(self, model, stemgen, reference, instrument: str, seed: int, steps: int, scheduler: str,
                  cfg_type: str, guidance_scale: float, omega_scale: float, control_scale: float,
                  lora_strength: float, sample_rate: str, instrument_audio=None, options=None):
-        return _generate("stemgen", model, stemgen, reference, instrument, instrument_audio, seed, steps, scheduler,
-                         cfg_type, guidance_scale, omega_scale, control_scale, lora_strength, sample_rate, options)
+        (loaded, transformer, control, waveform, rate), settings = _inputs(
+            "stemgen", model, stemgen, reference, steps, scheduler, cfg_type, guidance_scale, omega_scale,
+            lora_strength, sample_rate, options)
+        timbre_audio = None if instrument_audio is None else wire.check_audio(instrument_audio, "instrument_audio")
+        with torch.no_grad():
+            stem, mix = generate_stem(loaded, transformer, control, instrument, waveform, rate, seed=int(seed),
+                                      instrument_audio=timbre_audio, control_scale=float(control_scale), **settings)
+        return _audio_pair(stem, mix, settings["sample_rate"])
 
 
 class AceStepSinging2Accompaniment:
@@ -261,5 +252,10 @@ class AceStepSinging2Accompaniment:
     def generate(self, model, stemgen, vocal, tags: str, seed: int, steps: int, scheduler: str, cfg_type: str,
                  guidance_scale: float, omega_scale: float, control_scale: float, lora_strength: float,
                  sample_rate: str, options=None):
-        return _generate("singing2accompaniment", model, stemgen, vocal, tags, None, seed, steps, scheduler,
-                         cfg_type, guidance_scale, omega_scale, control_scale, lora_strength, sample_rate, options)
+        (loaded, transformer, control, waveform, rate), settings = _inputs(
+            "singing2accompaniment", model, stemgen, vocal, steps, scheduler, cfg_type, guidance_scale, omega_scale,
+            lora_strength, sample_rate, options)
+        with torch.no_grad():
+            accompaniment, mix = generate_accompaniment(loaded, transformer, control, tags, waveform, rate,
+                                                        seed=int(seed), control_scale=float(control_scale), **settings)
+        return _audio_pair(accompaniment, mix, settings["sample_rate"])

@@ -37,7 +37,7 @@ class AceStepTextEncode:
         }
 
     def encode(self, model: ModelHandle, tags: str, lyrics: str):
-        loaded = model_for(model)
+        loaded = model_for(model, ("text",))
         with torch.no_grad(), on_device(model, loaded.text_encoder):
             cond = encode_conditioning(loaded, tags, lyrics)
         return (cond.to("cpu"),)

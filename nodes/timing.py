@@ -13,9 +13,8 @@ from pathlib import Path
 import torch
 
 from ..acestep_core.conditioning import Conditioning
-from ..acestep_core.lyric_timing import (
-    DEFAULT_THRESHOLD, LyricAttention, align_lyrics, collect_lyric_attention, draw_alignment, to_lrc,
-)
+from ..acestep_core.lyric_timing import DEFAULT_THRESHOLD, LyricAttention, align_lyrics, collect_lyric_attention, to_lrc
+from ..acestep_core.preview import draw_alignment
 from . import bridge
 from .model import ModelHandle, model_for
 from .wire import CATEGORY, MODEL
@@ -47,15 +46,9 @@ def timing_of(latent) -> LyricAttention:
     return timing
 
 
-def output_folder() -> Path:
-    """ComfyUI's output directory, else ./output."""
-    folder_paths = bridge.comfy_module("folder_paths")
-    return Path(folder_paths.get_output_directory()) if folder_paths is not None else Path.cwd() / "output"
-
-
 def save_text(prefix: str, suffix: str, text: str) -> Path:
     """Write `text` to <output>/<prefix>_NNNNN<suffix> with the next free number; the prefix may hold folders."""
-    root = output_folder().resolve()
+    root = bridge.output_folder().resolve()
     target = (root / prefix).resolve()
     if root not in target.parents:
         raise ValueError(f"filename_prefix {prefix!r} points outside the output folder; use a relative name")
@@ -124,7 +117,7 @@ class AceStepLyricTiming:
                 f"the lyric timing covers {attention.frames} latent frames but the latent has {frames}; use the "
                 "latent straight from the sampler that collected it"
             )
-        alignment = align_lyrics(attention, model_for(model).lyric_tokenizer, item=int(batch_index),
+        alignment = align_lyrics(attention, model_for(model, components=()).lyric_tokenizer, item=int(batch_index),
                                  threshold=float(threshold))
         lrc = to_lrc(alignment.lines, alignment.duration, keep_unsung=bool(keep_unsung))
         image = draw_alignment(alignment)

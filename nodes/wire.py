@@ -21,10 +21,13 @@ from typing import Any
 
 import torch
 
-from ..acestep_core.audio import LATENT_RATE, check_source_duration
+from ..acestep_core import fast
+from ..acestep_core.audio import check_source_duration
 from ..acestep_core.conditioning import Conditioning
-from ..acestep_core.noise import MAX_SEED
-from ..acestep_core.tasks import check_latent
+from ..acestep_core.latent import MAX_SECONDS, check_latent  # noqa: F401  (the latent format, design §1)
+from ..acestep_core.latent import frames_at as seconds_to_frames  # noqa: F401  (latent frames before a time)
+from ..acestep_core.latent import seconds_at as frames_to_seconds  # noqa: F401  (seconds of latent frames)
+from ..acestep_core.noise import MAX_SEED, item_seeds, noise_for_seed  # noqa: F401
 from . import bridge
 
 CATEGORY = "audio/ACE-Step"
@@ -33,17 +36,6 @@ COND = "ACESTEP_COND"
 OPTIONS = "ACESTEP_OPTIONS"
 MARK = "acestep"
 TASKS = ("repaint", "extend", "audio2audio")
-MAX_SECONDS = 240.0
-
-
-def seconds_to_frames(seconds: float) -> int:
-    """Latent frames before a time: int(seconds·44100/4096), the official rounding (design §8)."""
-    return int(float(seconds) * LATENT_RATE)
-
-
-def frames_to_seconds(frames: int) -> float:
-    """Duration of `frames` latent frames in seconds."""
-    return frames / LATENT_RATE
 
 
 def samples_of(latent: Any, name: str = "latent") -> torch.Tensor:
@@ -88,15 +80,28 @@ def check_conditioning(cond: Any, name: str) -> Conditioning:
     return cond
 
 
+def batch_offsets(latent: dict, batch: int) -> list[int]:
+    """The latent's ComfyUI batch indices when it has one per item, else 0 … batch − 1 (noise.noise_for_seed)."""
+    offsets = latent.get("batch_index") or list(range(batch))
+    return list(offsets) if len(offsets) == batch else list(range(batch))
+
+
 def seeds_for(seed: int, latent: dict, batch: int) -> list[int]:
     """Per-item seeds: seed + i for item i (or + batch_index[i] when the latent has one), wrapped to 32 bits.
 
     Item 0 with seed s draws exactly the official pipeline's noise for seed s; the other items differ.
     """
-    offsets = latent.get("batch_index") or list(range(batch))
-    if len(offsets) != batch:
-        offsets = list(range(batch))
-    return [(int(seed) + int(i)) % (MAX_SEED + 1) for i in offsets]
+    return item_seeds(seed, batch_offsets(latent, batch))
+
+
+def noise_for(transformer, seed: int, batch: int, *, retake_seed: int | None = None, latent: dict | None = None,
+              seeds: list[int] | None = None):
+    """The node seed rule (noise.noise_for_seed, docs/seeds.md) on the model's compute device (in low-VRAM mode the
+    device its phases run on, so a seed gives the same song either way), in its dtype; `seeds`, one per item,
+    replace the manual stream's seed + i (the app's manual seed list)."""
+    p = next(transformer.parameters())
+    return noise_for_seed(seed, batch, retake_seed=retake_seed, offsets=batch_offsets(latent or {}, batch),
+                          manual_seeds=seeds, device=fast.compute_device(transformer), dtype=p.dtype)
 
 
 def check_audio(audio: Any, name: str = "audio") -> tuple[torch.Tensor, int]:

@@ -1,9 +1,10 @@
 """The pack inside a real ComfyUI server: import, /object_info, and every API workflow run over HTTP + websocket.
 
-Runs only when COMFYUI_DIR points to a ComfyUI checkout (see docs/comfyui.md). The server is started headless on
+Runs when COMFYUI_DIR points to a ComfyUI checkout (see docs/comfyui.md); skipped without it, except under
+CI=true, where it fails. The server is started headless on
 CPU, on 127.0.0.1 and a free port, with a temporary base directory holding the pack (symlinked into
-custom_nodes), the tiny checkpoint (models/ace_step), the tiny LoRA (models/loras) and a generated source.wav
-(input/). COMFYUI_PYTHON names the interpreter that has ComfyUI's and the pack's requirements (default: this
+custom_nodes), the tiny checkpoint (models/ace_step), the tiny LoRA and untrained StemGen files (models/loras), a
+generated source.wav (input/) and a test-only memory probe node (tests/comfyui_helpers.py). COMFYUI_PYTHON names the interpreter that has ComfyUI's and the pack's requirements (default: this
 one); with ACESTEP_TEST_PIP_INSTALL=1 the pack's requirements.txt is pip-installed into it first, otherwise they
 are assumed installed. Each workflow is the example's API copy shrunk by the headless runner's TINY_PROFILE,
 queued with POST /prompt (non-empty node_errors fail), followed on /ws to its end, and each saved or previewed
@@ -35,16 +36,13 @@ import numpy as np
 import pytest
 import soundfile
 
+from comfyui_helpers import (COMFYUI_DIR, comfyui_mark, free, install_probe, pack_loaded, probe, require_comfyui,
+                             wait_for, wait_for_history, write_stemgen_files)
 from conftest import REPO, TINY_FOLDER, TINY_LORA, VOCAB
 from pack_loader import load_pack
 from test_workflows import SAMPLES_PER_FRAME, SOURCE_RATE, SOURCE_SECONDS, TINY_PROFILE, source_tone
 
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR", "")
-pytestmark = pytest.mark.skipif(
-    not COMFYUI_DIR,
-    reason="set COMFYUI_DIR to a ComfyUI checkout (and COMFYUI_PYTHON to its interpreter) to run the real-server "
-           "integration test; see docs/comfyui.md",
-)
+pytestmark = comfyui_mark()
 
 PACK_DIR = "comfyui-acestep"
 HOST = "127.0.0.1"
@@ -55,8 +53,11 @@ SOURCE_FILE = "source.wav"
 REAL_PROFILE = {
     ("LoadAudio", "audio"): SOURCE_FILE,
     ("EmptyAceStepLatentAudio", "seconds"): 2.0,
+    ("AceStepStemGen", "steps"): 2,
+    ("AceStepSinging2Accompaniment", "steps"): 2,
 }
-AUDIO_OUTPUTS = ("SaveAudio", "PreviewAudio")
+AUDIO_OUTPUTS = ("SaveAudio", "PreviewAudio", "AceStepSaveAudio")
+APP_PARAMS = REPO / "tests" / "data" / "app"  # official parameter files, for ACE-Step Load Params
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 FULL_SCALE = 0.999
 
@@ -219,10 +220,15 @@ def prepare_base(base: Path) -> None:
     (base / "models" / "loras" / TINY_LORA.name).symlink_to(TINY_LORA, target_is_directory=True)
     source = source_tone()
     soundfile.write(str(base / "input" / SOURCE_FILE), source["waveform"][0].T.numpy(), source["sample_rate"])
+    write_stemgen_files(base / "models" / "loras", TINY_FOLDER)
+    install_probe(base / "custom_nodes")
+    for params_file in APP_PARAMS.glob("*_input_params.json"):
+        (base / "input" / params_file.name).write_bytes(params_file.read_bytes())
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[Server]:
+    require_comfyui()
     comfy = Path(COMFYUI_DIR).expanduser().resolve()
     if not (comfy / "main.py").is_file():
         pytest.fail(f"COMFYUI_DIR={COMFYUI_DIR} has no main.py; point it at a ComfyUI checkout")
@@ -337,7 +343,12 @@ def frames_of(prompt: dict, ref: list) -> int:
     node = prompt[ref[0]]
     kind, inputs = node["class_type"], node["inputs"]
     if kind == "AceStepEmptyLatent":
-        return int(inputs["seconds"] * 44100 / SAMPLES_PER_FRAME)
+        seconds = inputs["seconds"]
+        if is_link(seconds):  # from ACE-Step Load Params: the file's audio_duration
+            assert prompt[seconds[0]]["class_type"] == "AceStepLoadParams" and seconds[1] == 2
+            name = prompt[seconds[0]]["inputs"]["params_file"]
+            seconds = json.loads((APP_PARAMS / name).read_text(encoding="utf-8"))["audio_duration"]
+        return int(seconds * 44100 / SAMPLES_PER_FRAME)
     if kind == "EmptyAceStepLatentAudio":
         return int(inputs["seconds"] * 44100 / 512 / 8)
     if kind == "AceStepEncode":
@@ -357,6 +368,10 @@ def expected_audio(prompt: dict, ref: list) -> tuple[int, int, int]:
         rate = int(node["inputs"]["sample_rate"])
         frames = frames_of(prompt, node["inputs"]["latent"])
         return rate, math.ceil(frames * SAMPLES_PER_FRAME * rate / 44100), 2
+    if node["class_type"] in ("AceStepStemGen", "AceStepSinging2Accompaniment"):
+        # both outputs (the part, and the source mixed with it) have the length of the part decoded from the source
+        rate = int(node["inputs"]["sample_rate"])
+        return rate, math.ceil(source_frames() * SAMPLES_PER_FRAME * rate / 44100), 2
     if node["class_type"] == "LoadAudio":
         return SOURCE_RATE, int(SOURCE_SECONDS * SOURCE_RATE), 2
     raise AssertionError(f"no audio rule for {node['class_type']}")
@@ -415,7 +430,7 @@ def test_workflow_runs_in_comfyui(server, name):
     lengths = {}
     server.report[name] = {"seconds": round(time.monotonic() - started, 1), "audio_seconds": lengths}
     executed = {m["data"]["node"] for m in messages if m["type"] == "executed"}
-    history = server.get(f"/history/{prompt_id}")[prompt_id]
+    history = wait_for_history(server, prompt_id)
     assert history["status"]["status_str"] == "success" and history["status"]["completed"]
     outputs = {node_id: node for node_id, node in prompt.items() if node["class_type"] in AUDIO_OUTPUTS}
     assert outputs, f"{name} has no audio output node"
@@ -448,3 +463,88 @@ def test_a_bad_value_is_refused_with_node_errors(server):
     assert status == 400 and loader in answer["node_errors"]
     assert "no-such-checkpoint" in json.dumps(answer["node_errors"][loader])
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# memory: the pack's models live in ComfyUI's memory manager (docs/comfyui.md, "Memory")
+
+TEXT2MUSIC_COMPONENTS = ["AceStepPackDCAE", "AceStepPackTextEncoder", "AceStepPackTransformer", "AceStepPackVocoder"]
+
+
+def run_text2music(server: Server, seed: int) -> np.ndarray:
+    """Run the text-to-music example with `seed`; the samples of the file it saved."""
+    prompt = tiny_prompt("acestep_text2music")
+    (sampler,) = [node for node in prompt.values() if node["class_type"] == "AceStepSampler"]
+    sampler["inputs"]["seed"] = seed
+    prompt_id, _ = run_prompt(server, prompt)
+    (save,) = [k for k, node in prompt.items() if node["class_type"] == "SaveAudio"]
+    (entry,) = wait_for_history(server, prompt_id)["outputs"][save]["audio"]
+    path = server.base / entry["type"] / entry["subfolder"] / entry["filename"]
+    data, _ = soundfile.read(str(path), always_2d=True, dtype="float32")
+    return data
+
+
+def unloaded_report(server: Server) -> dict:
+    """Poll the probe until ComfyUI has handled the /free flags (it does so between prompts)."""
+    return wait_for(lambda: (lambda r: r if not pack_loaded(r) else None)(probe(server, run_prompt)),
+                    "unloading the pack's models")
+
+
+def test_free_releases_the_pack_models_and_the_next_run_loads_them_again(server):
+    first = run_text2music(server, seed=1234)
+    report = probe(server, run_prompt)
+    assert set(TEXT2MUSIC_COMPONENTS) <= set(pack_loaded(report)), report  # (+ a StemGen branch of an earlier test)
+    assert report["cached"] >= 1 and report["alive"] >= 1, report
+
+    # the editor's "Unload models": out of ComfyUI's memory manager, out of the pack's cache, freed
+    free(server, unload_models=True)
+    report = unloaded_report(server)
+    assert report["cached"] == 0 and report["alive"] == 0, report
+    run_text2music(server, seed=4321)
+    assert pack_loaded(probe(server, run_prompt)) == TEXT2MUSIC_COMPONENTS
+
+    # "Free model and node cache" (POST /free with both flags): the same, and the same seed gives the same audio
+    free(server, unload_models=True, free_memory=True)
+    report = unloaded_report(server)
+    assert report["cached"] == 0 and report["alive"] == 0, report
+    again = run_text2music(server, seed=1234)
+    assert pack_loaded(probe(server, run_prompt)) == TEXT2MUSIC_COMPONENTS
+    assert again.shape == first.shape and np.array_equal(again, first)
+    server.report["memory"] = {"loaded_after_run": TEXT2MUSIC_COMPONENTS, "after_free": report}
+
+
+def test_progress_and_cancel_reach_the_pack_nodes_under_the_memory_manager(server):
+    """The sampler's progress bar reaches the editor, Cancel (POST /interrupt) stops it, and the model still works."""
+    prompt = tiny_prompt("acestep_text2music")
+    (sampler,) = [k for k, node in prompt.items() if node["class_type"] == "AceStepSampler"]
+    steps = 500
+    prompt[sampler]["inputs"].update(seed=98765, steps=steps)
+    client_id = uuid.uuid4().hex
+    ws = WebSocket(server.port, f"/ws?clientId={client_id}", timeout=30)
+    progress = []
+    try:
+        status, answer = server.post("/prompt", {"prompt": prompt, "client_id": client_id})
+        assert status == 200 and answer.get("node_errors") == {}, answer
+        prompt_id, deadline = answer["prompt_id"], time.monotonic() + PROMPT_TIMEOUT
+        while True:
+            try:
+                message = ws.receive(deadline)
+            except socket.timeout:
+                pytest.fail(f"the interrupted prompt did not end within {PROMPT_TIMEOUT:.0f} s:\n{server.log_tail()}")
+            if message is None or message.get("data", {}).get("prompt_id") != prompt_id:
+                continue
+            if message["type"] == "progress" and message["data"]["node"] == sampler:
+                progress.append((message["data"]["value"], message["data"]["max"]))
+                if len(progress) == 2:
+                    server.post("/interrupt", {})
+            if message["type"] == "execution_interrupted":
+                break
+            if message["type"] in ("execution_success", "execution_error"):
+                pytest.fail(f"expected the prompt to be interrupted, got {message['type']}")
+    finally:
+        ws.close()
+    assert len(progress) >= 2 and all(total == steps for _, total in progress)
+    assert [value for value, _ in progress[:2]] == [1, 2] and progress[-1][0] < steps
+    # the interrupted run loaded its text encoder and transformer through ComfyUI, and they stay usable
+    assert {"AceStepPackTextEncoder", "AceStepPackTransformer"} <= set(pack_loaded(probe(server, run_prompt)))
+    assert run_text2music(server, seed=1234).shape[1] == 2

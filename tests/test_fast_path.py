@@ -17,6 +17,7 @@ from acestep_core.loading import load_acestep
 from acestep_core.models.transformer import ERG_DIFFUSION_LAYERS
 from acestep_core.noise import SeededNoise
 from acestep_core.sampling.denoiser import GuidanceConfig
+from acestep_core.sampling.options import EAGER, SPEED_FIELDS
 
 LYRICS = "[verse]\nhello bright morning\nwe sing along\n[chorus]\nla la la"
 FRAMES = 24
@@ -59,8 +60,8 @@ def _count_calls(transformer, monkeypatch) -> list[int]:
 ], ids=["apg_erg", "cfg_erg_diffusion_only", "double_condition"])
 def test_fast_text2music_equals_eager(model, cond, guidance, monkeypatch):
     fast_options = tasks.SamplerOptions(steps=STEPS, guidance=guidance)
-    assert all(getattr(fast_options, name) for name in fast.EAGER if name != "compile"), "fast path is the default"
-    eager = _text2music(model, cond, fast.eager_options(fast_options))
+    assert all(getattr(fast_options.speed, name) for name in SPEED_FIELDS if name != "compile"), "fast path is default"
+    eager = _text2music(model, cond, replace(fast_options, speed=EAGER))
     sizes = _count_calls(model.transformer, monkeypatch)
     quick = _text2music(model, cond, fast_options)
     assert (quick - eager).abs().max().item() <= 1e-4
@@ -68,17 +69,17 @@ def test_fast_text2music_equals_eager(model, cond, guidance, monkeypatch):
     assert sizes == [2, 2 * branches, 2 * branches, 2 * branches, 2, 2], "one batched call per step"
 
 
-@pytest.mark.parametrize("name", [n for n in fast.EAGER if n != "compile"])
+@pytest.mark.parametrize("name", [n for n in SPEED_FIELDS if n != "compile"])
 def test_each_fast_option_alone_equals_eager(model, cond, name):
-    eager_options = fast.eager_options(tasks.SamplerOptions(steps=STEPS))
+    eager_options = tasks.SamplerOptions(steps=STEPS, speed=EAGER)
     eager = _text2music(model, cond, eager_options, batch=1)
-    alone = _text2music(model, cond, replace(eager_options, **{name: True}), batch=1)
+    alone = _text2music(model, cond, tasks.with_options(eager_options, **{name: True}), batch=1)
     assert (alone - eager).abs().max().item() <= 1e-4
 
 
 def test_eager_options_make_the_official_separate_calls(model, cond, monkeypatch):
     sizes = _count_calls(model.transformer, monkeypatch)
-    _text2music(model, cond, fast.eager_options(tasks.SamplerOptions(steps=STEPS)))
+    _text2music(model, cond, tasks.SamplerOptions(steps=STEPS, speed=EAGER))
     assert sizes == [2, 2, 2, 2, 2, 2, 2, 2, 2]
 
 
@@ -86,7 +87,7 @@ def test_fast_repaint_equals_eager(model, cond):
     source = torch.randn(1, 8, 16, FRAMES, generator=torch.Generator().manual_seed(3))
     out = {}
     for label, options in (("fast", tasks.SamplerOptions(steps=STEPS)),
-                           ("eager", fast.eager_options(tasks.SamplerOptions(steps=STEPS)))):
+                           ("eager", tasks.SamplerOptions(steps=STEPS, speed=EAGER))):
         noise = SeededNoise.from_seeds([4], 1, retake_seed=[9])
         with torch.no_grad():
             out[label] = tasks.repaint(model.transformer, cond, source, 5, 15, variance=0.7, options=options,

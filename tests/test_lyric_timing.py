@@ -221,7 +221,7 @@ NO_ERG = GuidanceConfig(guidance_interval=1.0, use_erg_lyric=False, use_erg_diff
                          ids=["erg", "erg-batched", "double-batched", "no-erg"])
 def test_collector_records_only_the_conditional_branch_and_changes_nothing(transformer, guidance, batch_branches):
     cond = random_cond(transformer)
-    options = dict(guidance=guidance, batch_branches=batch_branches)
+    options = dict(guidance=guidance, speed=tasks.SpeedOptions(batch_branches=batch_branches))
     plain = run_t2m(transformer, cond, **options)
     with lt.collect_lyric_attention(transformer, cond, blocks=(1, 7)) as collector:
         probed = run_t2m(transformer, cond, **options)

@@ -1,4 +1,4 @@
-"""Lyric tokenizer (spec 5): official token ids for every fixture string, vocab lookup, properties."""
+"""Lyric tokenizer (design §5): official token ids for every fixture string, vocab lookup, properties."""
 from __future__ import annotations
 
 import json

@@ -119,7 +119,8 @@ def test_sampler_options_defaults_are_the_official_pipeline_defaults():
     (options,) = run("AceStepSamplerOptions", **{
         name: spec[1]["default"] for name, spec in NODES["AceStepSamplerOptions"].INPUT_TYPES()["required"].items()
     })
-    assert options == tasks.SamplerOptions()
+    # the official app's UI turns ERG on the lyrics off (acestep_core.params.APP_DEFAULTS, tests/test_app.py)
+    assert options == tasks.with_options(tasks.SamplerOptions(), use_erg_lyric=False)
     sampler = NODES["AceStepSampler"].INPUT_TYPES()["required"]
     guidance = tasks.SamplerOptions().guidance
     assert sampler["steps"][1]["default"] == 60 and sampler["scheduler"][1]["default"] == "euler"
@@ -317,7 +318,7 @@ def test_sampler_runs_text2music_with_the_official_seeded_noise(handle, cond):
     assert latent.keys() == before.keys() and torch.equal(latent["samples"], before["samples"])
     assert out["extra"] == "kept" and out["type"] == "audio" and "acestep" not in out
     transformer = model_mod.transformer_for(handle)
-    options = tasks.with_options(tasks.SamplerOptions(), **FAST)
+    options = tasks.with_options(tasks.SamplerOptions(), use_erg_lyric=False, **FAST)  # the app's UI default
     noise = noise_mod.SeededNoise([7, 8], [0, 1])
     expected = tasks.text2music(transformer, cond, 10, batch_size=2, options=options, noise=noise)
     assert torch.equal(out["samples"], expected)

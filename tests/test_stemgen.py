@@ -39,7 +39,7 @@ from acestep_core.stemgen.generate import generate_latent, mix_with_reference, s
 from acestep_core.stemgen.train import StemGenTrainConfig, fit
 from acestep_core.stemgen.train import main as train_main
 from acestep_core.stemgen.weights import is_stemgen_file, load_stemgen, read_header, save_stemgen
-from acestep_core.tasks import SamplerOptions
+from acestep_core.tasks import SamplerOptions, SpeedOptions
 
 RATE = 44100
 STEMGEN_FILE = "acestep-stemgen.safetensors"
@@ -131,8 +131,8 @@ def test_generation_batched_branches_match_separate_calls(tiny):
     reference, timbre = torch.randn(2, 8, 16, 6, generator=generator), torch.randn(1, 128, generator=generator)
     runs = []
     for fast in (False, True):
-        options = SamplerOptions(steps=4, guidance=GuidanceConfig(guidance_interval=1.0), batch_branches=fast,
-                                 linear_ff=fast, skip_full_masks=fast)
+        options = SamplerOptions(steps=4, guidance=GuidanceConfig(guidance_interval=1.0), speed=SpeedOptions(
+                                     batch_branches=fast, linear_ff=fast, skip_full_masks=fast))
         with torch.no_grad():
             runs.append(generate_latent(transformer, control, cond, reference, timbre=timbre,
                                         options=options, noise=SeededNoise.from_seeds([1, 2], 2)))

@@ -103,10 +103,22 @@ def test_decay_with_a_single_guided_step(transformer):
     assert torch.isfinite(out).all()
 
 
-def test_batched_branches_match_separate_calls(transformer):
-    separate = tasks.text2music(transformer, _cond(), 6, options=FAST, noise=_noise())
+def test_batched_branches_match_separate_calls(transformer, monkeypatch):
+    calls = []
+    decode = transformer.decode
+
+    def counting(x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return decode(x, *args, **kwargs)
+
+    monkeypatch.setattr(transformer, "decode", counting)
+    separate = tasks.text2music(transformer, _cond(), 6, options=tasks.with_options(FAST, batch_branches=False),
+                                noise=_noise())
+    separate_calls, calls[:] = list(calls), []
     batched = tasks.text2music(transformer, _cond(), 6, options=tasks.with_options(FAST, batch_branches=True),
                                noise=_noise())
+    # the two paths differ: one call per branch (batch 1) against one call for both branches (batch 2)
+    assert separate_calls == [1] * 2 * FAST.steps and calls == [2] * FAST.steps
     torch.testing.assert_close(batched, separate, atol=1e-4, rtol=0)
 
 
@@ -118,3 +130,33 @@ def test_image_latent_is_refused(transformer):
 def test_too_long_duration_is_refused(transformer):
     with pytest.raises(ValueError, match="240 s"):
         tasks.text2music(transformer, _cond(), tasks.MAX_FRAMES + 1, options=FAST, noise=_noise())
+
+
+def test_one_seed_rule_for_every_node():
+    from acestep_core.noise import MAX_SEED, noise_for_seed
+
+    plain = noise_for_seed(7, 3)
+    assert plain.seeds == [7, 8, 9] and plain.retake_seeds == [8, 9, 10]  # no retake seed: seed + 1
+    given = noise_for_seed(MAX_SEED, 2, retake_seed=4, offsets=[5, 6])
+    assert given.seeds == [4, 5] and given.retake_seeds == [9, 10]  # batch indices replace i, 32-bit wrap
+    official = SeededNoise.from_seeds(7, 1, retake_seed=8)
+    torch.testing.assert_close(plain.draw("manual", (3, 8, 16, 4))[:1], official.draw("manual", (1, 8, 16, 4)))
+
+
+def test_command_line_and_official_args_take_the_dataclass_defaults():
+    from acestep_core.cli import build_parser
+    from acestep_core.pipeline import Request, request_from_official_args
+
+    args = build_parser().parse_args(["generate", "--tags", "rock"])
+    d = Request()
+    assert d.batch_branches is tasks.SamplerOptions().speed.batch_branches is True  # the nodes' fast path
+    assert (args.steps, args.scheduler, args.edit_n_max, args.guidance_scale, args.omega_scale) == (
+        d.infer_step, d.scheduler_type, d.edit_n_max, d.guidance.guidance_scale, d.guidance.omega_scale)
+    # where the official app's UI differs from the pipeline, the command line takes the app's (params.APP_DEFAULTS)
+    from acestep_core.params import APP_DEFAULTS
+
+    assert args.edit_n_min == APP_DEFAULTS["edit_n_min"].app and d.edit_n_min == APP_DEFAULTS["edit_n_min"].pipeline
+    assert args.sample_rate == APP_DEFAULTS["sample_rate"].app
+    official = request_from_official_args({"task": "edit"})
+    assert (official.edit_n_min, official.infer_step, official.guidance) == (d.edit_n_min, d.infer_step, d.guidance)
+    assert official.batch_branches is False  # the official separate calls, as the parity fixtures were recorded

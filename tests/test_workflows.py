@@ -22,6 +22,9 @@ NODES = pack.NODE_CLASS_MAPPINGS
 UI_DIR = REPO / "example_workflows"
 API_DIR = REPO / "tests" / "api_workflows"
 NAMES = sorted(p.stem for p in API_DIR.glob("*.json"))
+# The examples are named for people (ComfyUI's template browser shows the file name as the title, and a <name>.jpg
+# beside it as the thumbnail); each names its API copy in extra.acestep_api_copy.
+UI_FILES = {json.loads(p.read_text())["extra"]["acestep_api_copy"]: p for p in sorted(UI_DIR.glob("*.json"))}
 
 SOURCE_RATE = 48000
 SOURCE_SECONDS = 2.0
@@ -95,12 +98,16 @@ def ui_to_api(ui: dict) -> dict:
 
 
 def load(folder: Path, name: str) -> dict:
-    return json.loads((folder / f"{name}.json").read_text())
+    """An API copy by name, or (folder UI_DIR) the example whose API copy has that name."""
+    path = UI_FILES[name] if folder == UI_DIR else folder / f"{name}.json"
+    return json.loads(path.read_text())
 
 
 def test_every_example_has_an_api_copy():
     assert NAMES, f"no API workflows in {API_DIR}"
-    assert sorted(p.stem for p in UI_DIR.glob("*.json")) == NAMES
+    assert sorted(UI_FILES) == NAMES and len(UI_FILES) == len(list(UI_DIR.glob("*.json")))
+    for path in UI_FILES.values():
+        assert path.stem.startswith("ACE-Step - ") and "_" not in path.stem, f"{path.name}: give it a title, not an id"
     for task in ("text2music", "retake", "repaint", "extend", "flow_edit", "audio2audio", "lora"):
         assert f"acestep_{task}" in NAMES
 
@@ -135,7 +142,8 @@ def test_api_workflow_uses_known_nodes_and_valid_values(name):
             choices, options = declared[key]
             if isinstance(value, list):
                 continue
-            if isinstance(choices, list) and key not in ("checkpoint", "lora_name", "control_name"):  # files on disk
+            on_disk = ("checkpoint", "lora_name", "control_name", "params_file")  # lists of files on disk
+            if isinstance(choices, list) and key not in on_disk:
                 assert value in choices, f"{node_id} {kind}.{key}={value!r} not in {choices}"
             if "min" in options:
                 assert options["min"] <= value <= options["max"], f"{node_id} {kind}.{key}={value} out of range"
@@ -201,7 +209,7 @@ def producer(prompt: dict, node_id: str, name: str) -> str:
 
 
 # These need a trained StemGen file and output audio directly; tests/test_stemgen.py runs them with one it trains.
-RUN_ELSEWHERE = {"acestep_stemgen", "acestep_singing2accompaniment"}
+RUN_ELSEWHERE = {"acestep_stemgen", "acestep_singing2accompaniment", "acestep_app_params"}  # test_app runs the last
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n not in RUN_ELSEWHERE])

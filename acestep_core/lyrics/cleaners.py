@@ -1,4 +1,4 @@
-"""Per-language lyric normalisation before BPE (spec 5.4): XTTS-v2-style multilingual cleaners.
+"""Per-language lyric normalisation before BPE (design §5.4): XTTS-v2-style multilingual cleaners.
 
 Every stage keeps the official behaviour exactly, including what looks odd (the Spanish '$' reading, the
 unescaped '.' in the thousands-dot pattern, stages whose errors are swallowed), because the token ids
@@ -155,7 +155,7 @@ def expand_symbols(text: str, lang: str) -> str:
 
 
 def multilingual_cleaners(text: str, lang: str) -> str:
-    """Quotes out, lowercase, numbers, abbreviations, symbols, whitespace (spec 5.4)."""
+    """Quotes out, lowercase, numbers, abbreviations, symbols, whitespace (design §5.4)."""
     text = text.replace('"', "")
     if lang == "tr":
         text = text.replace("İ", "i").replace("Ö", "ö").replace("Ü", "ü")

@@ -1,4 +1,4 @@
-"""ACE-Step v1 lyric tokenizer: lyrics text -> the official token ids (spec 5.2)."""
+"""ACE-Step v1 lyric tokenizer: lyrics text -> the official token ids (design §5.2)."""
 from __future__ import annotations
 
 import functools
@@ -9,7 +9,7 @@ from pathlib import Path
 from .cleaners import clean_line
 from .language import detect_line_language
 
-# The 17 languages with a "[xx]" token; any other detected code is encoded as English (spec 5.2 step 3).
+# The 17 languages with a "[xx]" token; any other detected code is encoded as English (design §5.2 step 3).
 SUPPORTED_LANGUAGES = ("en", "de", "fr", "es", "it", "pt", "pl", "tr", "ru", "cs", "nl", "ar", "zh", "ja", "hu", "ko", "hi")
 STOP_ID = 0
 UNK_ID = 1
@@ -26,12 +26,12 @@ def language_token(lang: str) -> str:
 
 
 def encoding_language(detected: str) -> str:
-    """Official mapping of a detected code: unsupported codes -> en (spec 5.2 step 3)."""
+    """Official mapping of a detected code: unsupported codes -> en (design §5.2 step 3)."""
     return detected if detected in SUPPORTED_LANGUAGES else "en"
 
 
 class LyricTokenizer:
-    """Official ``tokenize_lyrics``: per-line language detection, cleaners, ``[lang]`` prefix, BPE (spec 5.2).
+    """Official ``tokenize_lyrics``: per-line language detection, cleaners, ``[lang]`` prefix, BPE (design §5.2).
 
     With ``language_tags=True`` a line may start with a language token (``[ja]``, ``[zh]``/``[zh-cn]``, any of the
     17 codes) that overrides detection for that line and is not itself encoded. This is off by default because
@@ -84,7 +84,7 @@ class LyricTokenizer:
 
     # -- public --------------------------------------------------------------------------------------
     def encode(self, lyrics: str) -> list[int]:
-        """Token ids: [START], then per line its ids and [SPACE]; an empty line is a lone [SPACE] (spec 5.2).
+        """Token ids: [START], then per line its ids and [SPACE]; an empty line is a lone [SPACE] (design §5.2).
 
         A line whose language needs a helper package that is missing (Japanese: cutlet) raises ImportError naming
         the line and the pip command.

@@ -1,4 +1,4 @@
-"""Where the lyric vocabulary (a HF `tokenizers` JSON, spec 5.1) is found."""
+"""Where the lyric vocabulary (a HF `tokenizers` JSON, design §5.1) is found."""
 from __future__ import annotations
 
 import importlib.util

@@ -1,4 +1,4 @@
-"""Chinese number reading and the Chinese text normaliser of the official lyric cleaners (spec 5.4).
+"""Chinese number reading and the Chinese text normaliser of the official lyric cleaners (design §5.4).
 
 The official zh path runs a ``TextNorm`` with every option off: dates, money, phone numbers, fractions,
 percentages, counted quantities, long digit strings and plain numbers are read out in Chinese characters,
@@ -250,7 +250,7 @@ def _replace_first(text: str, pattern: re.Pattern, read) -> str:
 
 
 def normalize_chinese_text(text: str) -> str:
-    """Numbers, dates, money, phones, fractions, percentages -> Chinese; all punctuation -> ',' (spec 5.4)."""
+    """Numbers, dates, money, phones, fractions, percentages -> Chinese; all punctuation -> ',' (design §5.4)."""
     text = "^" + text + "$"
     text = _replace_first(text, _DATE_RE, _read_date)
     text = _replace_first(text, _MONEY_RE, _read_money)

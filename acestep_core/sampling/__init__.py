@@ -2,10 +2,12 @@
 from .denoiser import GuidanceConfig, guided_velocity, make_guided_velocity, separate_branches
 from .guidance import MomentumBuffer, apg, cfg, cfg_zero_star, double_condition
 from .samplers import (
+    SCHEDULERS,
     euler_step,
     generator_noise,
     omega_factor,
     pingpong_step,
+    run_sampler,
     sample_euler,
     sample_heun,
     sample_pingpong,
@@ -22,6 +24,7 @@ from .schedules import (
 )
 
 __all__ = [
+    "SCHEDULERS",
     "GuidanceConfig",
     "MomentumBuffer",
     "apg",
@@ -42,6 +45,7 @@ __all__ = [
     "oss_sigmas",
     "parse_oss_steps",
     "pingpong_step",
+    "run_sampler",
     "sample_euler",
     "sample_heun",
     "sample_pingpong",

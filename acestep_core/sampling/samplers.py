@@ -176,3 +176,20 @@ def sample_pingpong(
         if callback is not None:
             callback(i, n_steps, x)
     return x
+
+
+SCHEDULERS = ("euler", "heun", "pingpong")
+"""The sampler table: every generation (tasks, StemGen) picks its sampler here by name."""
+
+
+def run_sampler(scheduler: str, velocity: Velocity, x: Tensor, sigmas: Tensor, *, omega_scale: float,
+                noise_fn: NoiseFn, callback: Callback | None = None) -> Tensor:
+    """Run the sampler named `scheduler` (one of SCHEDULERS): Euler and Heun with the omega rescale, PingPong with
+    `noise_fn` for its per-step noise (design §7.2–7.4)."""
+    if scheduler == "euler":
+        return sample_euler(velocity, x, sigmas, omega_scale=omega_scale, callback=callback)
+    if scheduler == "heun":
+        return sample_heun(velocity, x, sigmas, omega_scale=omega_scale, callback=callback)
+    if scheduler == "pingpong":
+        return sample_pingpong(velocity, x, sigmas, noise_fn=noise_fn, callback=callback)
+    raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")

@@ -9,21 +9,22 @@ The LoRA of a StemGen file is applied by the caller (node: on the model's LoRA s
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import fast
 from ..audio import SAMPLE_RATE, encode_audio, prepare_audio, resample
-from ..conditioning import ERG_TAU, Conditioning
+from ..conditioning import ERG_TAU, Conditioning, encode_conditioning
 from ..lora import apply_loras
-from ..noise import NoiseSource
-from ..sampling.denoiser import make_guided_velocity
-from ..sampling.samplers import sample_euler, sample_heun, sample_pingpong
-from ..sampling.schedules import official_sigmas, oss_sigmas
-from ..tasks import MAX_FRAMES, Branches, Callback, SamplerOptions, check_latent, encode_branches
+from ..noise import NoiseSource, noise_for_seed
+from ..sampling.adapter import cond_rows, sample_guided, schedule_sigmas
+from ..sampling.branch_rows import conditional_rows
+from ..latent import MAX_FRAMES, check_latent
+from ..tasks import Branches, Callback, SamplerOptions, encode_branches
 from .control import StemGenControl, controlled_decode, timbre_vector
 from .weights import StemGenWeights
 
@@ -41,10 +42,10 @@ def _timbre_for(timbre: Tensor | None, batch: int, control: StemGenControl, devi
 def make_control_predict(transformer, control: StemGenControl, branches: Branches, reference: Tensor,
                          timbre: Tensor | None, control_scale: float, options: SamplerOptions):
     """`predict(x, sigma, names)` for the guidance adapter: the requested branches through `controlled_decode`,
-    one call each, or one batched call (ERG as a per-item temperature) with `options.batch_branches`;
+    one call each, or one batched call (ERG as a per-item temperature) with `options.speed.batch_branches`;
     `linear_ff` and `skip_full_masks` as in the base sampler (design §7.5)."""
     tau = {"cond": None, "text": None, "uncond": ERG_TAU if branches.erg_diffusion else None}
-    full = options.skip_full_masks and bool((branches.mask == 1).all())
+    full = options.speed.skip_full_masks and bool((branches.mask == 1).all())
 
     def decode(x: Tensor, sigma: Tensor, names: tuple[str, ...]) -> Tensor:
         count = len(names)
@@ -58,13 +59,14 @@ def make_control_predict(transformer, control: StemGenControl, branches: Branche
         t = (sigma.to(torch.float32) * 1000).expand(x.shape[0] * count).to(x.device)
         mask = None if full else branches.mask.repeat(count, 1)
         frames = None if full else torch.ones(x.shape[0] * count, x.shape[-1], device=x.device)
-        return controlled_decode(transformer, control, x.repeat(repeat), frames, states, mask, t,
-                                 reference=reference.repeat(repeat),
-                                 timbre=None if timbre is None else timbre.repeat(count, 1),
-                                 control_scale=control_scale, erg_tau=erg, linear_ff=options.linear_ff)
+        with conditional_rows(branches.conditioning, cond_rows(names, x.shape[0])):
+            return controlled_decode(transformer, control, x.repeat(repeat), frames, states, mask, t,
+                                     reference=reference.repeat(repeat),
+                                     timbre=None if timbre is None else timbre.repeat(count, 1),
+                                     control_scale=control_scale, erg_tau=erg, linear_ff=options.speed.linear_ff)
 
     def predict(x: Tensor, sigma: Tensor, names: tuple[str, ...]) -> tuple[Tensor, ...]:
-        if not options.batch_branches or len(names) == 1:
+        if not options.speed.batch_branches or len(names) == 1:
             return tuple(decode(x, sigma, (n,)) for n in names)
         return decode(x, sigma, tuple(names)).chunk(len(names))
 
@@ -94,16 +96,7 @@ def generate_latent(transformer, control: StemGenControl, cond: Conditioning, re
     x = noise.draw("manual", tuple(reference.shape)).to(device, dtype)
     branches = encode_branches(transformer, cond, batch, options.guidance, need_uncond=options.guidance.do_cfg)
     predict = make_control_predict(transformer, control, branches, reference, timbre, float(control_scale), options)
-    sigmas = oss_sigmas(list(options.oss_steps), options.shift, dtype) if options.oss_steps \
-        else official_sigmas(options.steps, options.shift)
-    velocity = make_guided_velocity(options.guidance, sigmas.numel() - 1, predict)
-    omega = options.guidance.omega_scale
-    if options.scheduler == "euler":
-        return sample_euler(velocity, x, sigmas, omega_scale=omega, callback=callback)
-    if options.scheduler == "heun":
-        return sample_heun(velocity, x, sigmas, omega_scale=omega, callback=callback)
-    return sample_pingpong(velocity, x, sigmas, noise_fn=lambda step, shape: noise.draw_shared("manual", shape),
-                           callback=callback)
+    return sample_guided(predict, x, schedule_sigmas(options, dtype), options, noise, callback)
 
 
 def encode_reference(model, waveform: Tensor, sample_rate: int) -> Tensor:
@@ -127,6 +120,49 @@ def mix_with_reference(reference: Tensor, reference_rate: int, stem: Tensor, ste
     length = stem.shape[-1]
     ref = F.pad(ref, (0, max(0, length - ref.shape[-1])))[..., :length]
     return (ref + stem.float()).to(torch.float32)
+
+
+def generate_part(model, transformer, control: StemGenControl, tags: str, reference: Tensor, reference_rate: int, *,
+                  seed: int, options: SamplerOptions = SamplerOptions(),
+                  instrument_audio: tuple[Tensor, int] | None = None, control_scale: float = 1.0,
+                  sample_rate: int = SAMPLE_RATE, callback: Callback | None = None,
+                  phase: Callable[..., AbstractContextManager] | None = None) -> tuple[Tensor, Tensor]:
+    """(generated part, reference + part), both [B, 2, N] float32 at `sample_rate`, for reference audio
+    [B, C, L] at `reference_rate`, the style/instrument `tags` and the seed (noise.noise_for_seed, docs/seeds.md).
+
+    `model` gives the text encoder, DCAE and vocoder; `transformer` is its transformer with the StemGen LoRA (if
+    any) applied; `instrument_audio` (waveform, rate) steers the timbre (docs/stemgen.md). `phase(*modules)`, when
+    given, is entered around each phase with the modules it runs (low-VRAM mode: acestep_core.fast.phase); the
+    decode falls back to smaller windows on out-of-memory (fast.decode).
+    """
+    phase = phase or (lambda *modules: nullcontext())
+    with phase(model.text_encoder):
+        cond = encode_conditioning(model, tags, "", erg_tag=options.guidance.use_erg_tag)
+    with phase(model.dcae, model.vocoder):
+        latent_ref = encode_reference(model, reference, reference_rate)
+        timbre = None if instrument_audio is None else instrument_timbre(model, *instrument_audio)
+    parameter = next(transformer.parameters())
+    noise = noise_for_seed(seed, latent_ref.shape[0], device=fast.compute_device(transformer), dtype=parameter.dtype)
+    with phase(transformer, control):
+        latent = generate_latent(transformer, control, cond, latent_ref, timbre=timbre,
+                                 control_scale=float(control_scale), options=options, noise=noise, callback=callback)
+    with phase(model.dcae, model.vocoder):
+        part = fast.decode(model.dcae, model.vocoder, latent, sample_rate=int(sample_rate)).float()
+    return part, mix_with_reference(reference, reference_rate, part, int(sample_rate))
+
+
+def generate_stem(model, transformer, control: StemGenControl, instrument: str, reference: Tensor,
+                  reference_rate: int, **settings) -> tuple[Tensor, Tensor]:
+    """StemGen: (the stem of `instrument` that fits the reference mix, reference + stem); settings as
+    :func:`generate_part` (instrument_audio included)."""
+    return generate_part(model, transformer, control, instrument, reference, reference_rate, **settings)
+
+
+def generate_accompaniment(model, transformer, control: StemGenControl, tags: str, vocal: Tensor, vocal_rate: int,
+                           **settings) -> tuple[Tensor, Tensor]:
+    """Singing to accompaniment: (the backing track for the vocal in the style of `tags`, vocal + backing);
+    settings as :func:`generate_part` (no instrument audio)."""
+    return generate_part(model, transformer, control, tags, vocal, vocal_rate, **settings)
 
 
 @contextmanager

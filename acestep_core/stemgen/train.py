@@ -28,12 +28,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..latent import frames_at
 from ..loading import DEFAULT_REPO, load_acestep
 from ..models.transformer import AceStepTransformer
 from ..train.distributed import DistEnv, barrier, init_distributed, mean_over_ranks, shutdown, wrap_model
 from ..train.lora_layers import LoraSpec, drop_unused_modules, export_lora_tensors, inject_lora
 from ..train.objective import add_noise, denoising_loss, sample_sigmas, training_sigmas
-from ..train.trainer import lr_factor
+from ..train.trainer import optimizer_and_schedule
 from .control import TASKS, ControlConfig, StemGenControl, controlled_decode
 from .dataset import Encoders, PairBatch, PairDataset, build_cache, checkpoint_identity, collate, read_songs
 from .weights import save_stemgen
@@ -172,7 +173,7 @@ def _prepare(config: StemGenTrainConfig, env: DistEnv) -> tuple[nn.Module, PairD
     paths = build_cache(songs, config.task, config.cache_dir, checkpoint_id, encoders, vocal_word=config.vocal_word,
                         rank=env.rank, world_size=env.world_size)
     barrier(env)
-    frames = max(1, int(config.max_seconds * 44100 / 4096))
+    frames = max(1, frames_at(config.max_seconds))
     dataset = PairDataset(paths, max_frames=frames, timbre_dropout=config.timbre_dropout, seed=config.seed)
     transformer = load_acestep(config.checkpoint_dir, dtype=torch.float32, device=env.device,
                                components=("transformer",)).transformer
@@ -212,10 +213,9 @@ def fit(config: StemGenTrainConfig, transformer: AceStepTransformer, dataset: Pa
     module = StemGenModule(transformer, control, checkpointing=config.gradient_checkpointing).to(env.device)
     model = wrap_model(module, env, fsdp=False)
     trainable = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(0.8, 0.9),
-                                  weight_decay=config.weight_decay, foreach=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, config.warmup_steps, config.max_steps))
+    optimizer, scheduler = optimizer_and_schedule(trainable, learning_rate=config.learning_rate,
+                                                  weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
+                                                  max_steps=config.max_steps, foreach=True)
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank,
                                                   shuffle=True, seed=config.seed, drop_last=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,

@@ -14,7 +14,6 @@ Header metadata
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +23,14 @@ from torch import Tensor
 
 from ..lora import LoraWeights
 from ..models.transformer import AceStepTransformer
+from ..safetensors_header import json_entry, metadata
+from ..safetensors_header import read_header as read_safetensors_header
 from .control import ControlConfig, StemGenControl
 
 METADATA_KEY = "acestep_stemgen"
 FORMAT_VERSION = 1
 CONTROL_PREFIX = "control."
 LORA_PREFIX = "lora."
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,24 +60,9 @@ class StemGenWeights:
 def read_header(path: str | Path) -> dict[str, Any] | None:
     """The parsed `acestep_stemgen` header entry of a safetensors file, or None when it has none."""
     path = Path(path)
-    try:
-        with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if length > min(MAX_HEADER_BYTES, path.stat().st_size):
-                return None
-            header = json.loads(handle.read(length))
-    except (OSError, struct.error, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    text = (header.get("__metadata__") or {}).get(METADATA_KEY) if isinstance(header, dict) else None
-    if text is None:
-        return None
-    try:
-        info = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"StemGen file {path}: header '{METADATA_KEY}' is not valid JSON ({err})") from None
-    if not isinstance(info, dict):
-        raise ValueError(f"StemGen file {path}: header '{METADATA_KEY}' must be a JSON object")
-    return info
+    header = read_safetensors_header(path)
+    text = None if header is None else metadata(header).get(METADATA_KEY)
+    return json_entry(text, METADATA_KEY, f"StemGen file {path}")
 
 
 def is_stemgen_file(path: str | Path) -> bool:

@@ -45,7 +45,20 @@ HELP = {
     "ssl_coeff": "weight of the REPA loss", "repa_extractor": "REPA targets: 'official' (MERT + mHuBERT) or module:factory",
     "repa_trust_remote_code": "allow remote code for the REPA models (MERT needs it)",
     "log_every_n_steps": "print the loss every N steps", "prepare_only": "only build the cache, then exit",
+    "reload_dataloaders_every_n_epochs": "official Lightning flag, accepted for compatibility: the loader draws a "
+                                         "fresh shuffle every epoch here, whatever the value",
 }
+# official trainer.py flags that change nothing here, and why (printed once when given)
+NO_EFFECT = {
+    "reload_dataloaders_every_n_epochs": "the data loader reshuffles every epoch here; the value changes nothing",
+}
+
+
+def notes_for(argv: Sequence[str]) -> list[str]:
+    """One line per official flag in `argv` that is accepted without effect."""
+    given = {a.split("=", 1)[0].lstrip("-") for a in argv if a.startswith("--")}
+    return [f"note: --{flag} is accepted for the official trainer's command lines; {why}"
+            for flag, why in NO_EFFECT.items() if flag in given]
 
 
 def _argument_type(hint: object) -> type:
@@ -75,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    for note in notes_for(argv):
+        print(note, file=sys.stderr)
     try:
         config = TrainConfig(**vars(args))
         if under_torchrun():

@@ -100,6 +100,7 @@ class TrainConfig:
     repa_trust_remote_code: bool = False
     log_every_n_steps: int = 10
     prepare_only: bool = False
+    reload_dataloaders_every_n_epochs: int = 1  # official flag; accepted, no effect here (train.__main__ notes it)
 
     def __post_init__(self) -> None:
         positive = ("max_steps", "accumulate_grad_batches", "batch_size", "prompt_shuffles", "plot_steps",
@@ -108,7 +109,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name} must be an integer >= 1, got {value!r}")
-        for name in ("num_workers", "warmup_steps", "every_n_train_steps", "every_plot_step"):
+        for name in ("num_workers", "warmup_steps", "every_n_train_steps", "every_plot_step",
+                     "reload_dataloaders_every_n_epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"--{name} must be an integer >= 0 (0 disables), got {value!r}")
@@ -168,6 +170,15 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int) -> float:
     if step < warmup_steps:
         return step / max(1, warmup_steps)
     return max(0.0, 1.0 - (step - warmup_steps) / max(1, max_steps - warmup_steps))
+
+
+def optimizer_and_schedule(params, *, learning_rate: float, weight_decay: float, warmup_steps: int, max_steps: int,
+                           **adamw) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """The official optimiser: AdamW (betas 0.8/0.9) with the warm-up / linear-decay schedule of `lr_factor`
+    (shared by LoRA training and StemGen training)."""
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, betas=(0.8, 0.9), **adamw)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, max_steps))
+    return optimizer, scheduler
 
 
 def _derived_seed(seed: int, rank: int, name: str) -> int:
@@ -305,9 +316,9 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         trainable = sum(p.numel() for p in unwrap(model).parameters() if p.requires_grad)
         self.log(f"{cfg.mode}: {trainable:,} trainable parameters, {env.world_size} process(es) on {env.device.type}")
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.8, 0.9))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, cfg.warmup_steps, cfg.max_steps))
+        optimizer, scheduler = optimizer_and_schedule(params, learning_rate=cfg.learning_rate,
+                                                      weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+                                                      max_steps=cfg.max_steps)
         generators = {
             "timestep": torch.Generator().manual_seed(_derived_seed(cfg.seed, env.rank, "timestep")),
             "noise": torch.Generator(env.device).manual_seed(_derived_seed(cfg.seed, env.rank, "noise")),

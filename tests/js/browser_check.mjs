@@ -192,6 +192,47 @@ describe("waveform region picker and lyrics helper in headless Chromium", () => 
     assert.equal(await page.locator('section[data-node="SomeoneElsesNode"] .acestep-lyrics-tools').count(), 0);
   });
 
+  it("at the default node width every toolbar button is visible (they wrap) and the widget is tall enough", async () => {
+    for (const node of ["AceStepTextEncode", "AceStepFlowEdit"]) {
+      for (const root of await page.locator(`section[data-node="${node}"] .acestep-lyrics-tools`).all()) {
+        // a DOM widget gets the node's width less the editor's margins (400 - 2 x 10 px)
+        await root.evaluate((el) => { el.style.width = "380px"; });
+        const box = await root.boundingBox();
+        const buttons = await root.locator("button").all();
+        assert.equal(buttons.length, 10);
+        for (const button of buttons) {
+          const b = await button.boundingBox();
+          const name = await button.textContent();
+          assert.ok(b.x >= box.x && b.x + b.width <= box.x + box.width + 0.5, `${node} ${name} is cut off horizontally`);
+          assert.ok(b.y + b.height <= box.y + box.height + 0.5, `${node} ${name} is below the toolbar`);
+        }
+        assert.ok(await root.evaluate((el) => el.scrollWidth <= el.clientWidth), `${node}: the toolbar scrolls sideways`);
+      }
+      const name = node === "AceStepTextEncode" ? "acestep_lyrics_tools" : "acestep_target_lyrics_tools";
+      const [min, max] = await page.evaluate(([n, w]) => window.harness.domHeight(n, w), [node, name]);
+      const needed = await page.locator(`section[data-node="${node}"] .acestep-lyrics-tools`).last()
+        .evaluate((el) => el.scrollHeight);
+      assert.ok(min >= needed && max === min, `${node}: widget asks ${min}-${max} px, the toolbar needs ${needed}`);
+    }
+    await page.screenshot({ path: path.join(SHOTS, "lyrics_toolbar.png") });
+  });
+
+  it("Load Params has an upload button that stores a JSON file and selects it", async () => {
+    const section = page.locator('section[data-node="AceStepLoadParams"]');
+    const chooser = page.waitForEvent("filechooser");
+    await section.locator('button[data-widget="upload params file"]').click();
+    await (await chooser).setFiles({ name: "song_input_params.json", mimeType: "application/json",
+      buffer: Buffer.from(JSON.stringify({ prompt: "pop", lyrics: "", actual_seeds: [1] })) });
+    for (let i = 0; i < 100 && server.uploads.length === 0; i++) await page.waitForTimeout(50);
+    assert.equal(server.uploads.length, 1);
+    assert.equal(server.uploads[0].name, "song_input_params.json");
+    assert.match(server.uploads[0].body, /name="type"\r\n\r\ninput/);
+    for (let i = 0; i < 100 && (await value("AceStepLoadParams", "params_file")) !== "song_input_params.json"; i++) {
+      await page.waitForTimeout(50);
+    }
+    assert.equal(await value("AceStepLoadParams", "params_file"), "song_input_params.json");
+  });
+
   it("choosing a file that cannot be read drops the old waveform without throwing", async () => {
     await page.evaluate(() => window.harness.chooseFile("missing.wav"));
     const route = "/view?filename=missing.wav&subfolder=&type=input";

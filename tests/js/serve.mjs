@@ -2,6 +2,7 @@
 //   /extensions/acestep/*  -> the pack's web/ folder (as WEB_DIRECTORY = "./web")
 //   /scripts/app.js, /scripts/api.js -> stubs; /harness.html, /harness/* -> the harness
 //   /view?filename=&subfolder=&type= -> synthetic WAV files (see AUDIO)
+//   POST /upload/image -> reads the multipart body, answers as ComfyUI does ({name, subfolder, type})
 import { readFile } from "node:fs/promises";
 import http from "node:http";
 import path from "node:path";
@@ -59,9 +60,20 @@ function staticPath(pathname) {
 /** Start the server on 127.0.0.1 (a free port). Returns {origin, requests, close}. */
 export async function startServer() {
   const requests = [];
+  const uploads = [];
   const server = http.createServer(async (request, response) => {
     const url = new URL(request.url, "http://127.0.0.1");
     requests.push(url.pathname + url.search);
+    if (url.pathname === "/upload/image" && request.method === "POST") {
+      const chunks = [];
+      for await (const chunk of request) chunks.push(chunk);
+      const body = Buffer.concat(chunks).toString("utf8");
+      const name = /filename="([^"]+)"/.exec(body)?.[1];
+      uploads.push({ name, body });
+      if (!name) return response.writeHead(400).end();
+      return response.writeHead(200, { "content-type": "application/json" })
+        .end(JSON.stringify({ name, subfolder: "", type: "input" }));
+    }
     if (url.pathname === "/view") {
       const q = url.searchParams;
       const spec = AUDIO[`${q.get("type")}/${q.get("subfolder") ?? ""}/${q.get("filename")}`];
@@ -82,6 +94,7 @@ export async function startServer() {
   return {
     origin: `http://127.0.0.1:${port}`,
     requests,
+    uploads,
     close: () => new Promise((resolve) => server.close(resolve)),
   };
 }

@@ -6,7 +6,9 @@ import { app } from "../../../scripts/app.js";
 import { TOOLBAR_TAGS, analyzeLyrics, describeWarnings, insertTag, summarize } from "./lib/lyrics.js";
 
 const LYRICS_WIDGETS = ["lyrics", "target_lyrics"];
-const TOOLBAR_HEIGHT = 62;
+const LINE_HEIGHT = 15; // the status and the warning line
+const BUTTON_ROW = 20;
+const BUTTON_WIDTH = 62; // a [chorus] button with its gap, for the estimate before the toolbar is laid out
 const toolbars = new WeakMap();
 
 function declaresInput(nodeData, name) {
@@ -25,7 +27,8 @@ function element(tag, style, text = "") {
 function addToolbar(node, widget, textarea, labelled) {
   const root = element("div", "display:flex;flex-direction:column;gap:2px;font:11px sans-serif;color:#bbb;overflow:hidden");
   root.className = "acestep-lyrics-tools";
-  const buttons = element("div", "display:flex;gap:3px;overflow-x:auto;white-space:nowrap;flex:none");
+  // The buttons wrap onto a second row on a narrow node instead of hiding behind a scroll bar.
+  const buttons = element("div", "display:flex;flex-wrap:wrap;gap:2px 3px;flex:none");
   const status = element("div", "white-space:nowrap;overflow:hidden;text-overflow:ellipsis");
   const warning = element("div", "white-space:nowrap;overflow:hidden;text-overflow:ellipsis;color:#ff8080");
   status.className = "acestep-lyrics-status";
@@ -57,10 +60,16 @@ function addToolbar(node, widget, textarea, labelled) {
   root.append(buttons, status, warning);
   textarea.addEventListener("input", refresh);
 
+  // As tall as the (wrapped) buttons plus the two text lines: measured once laid out, estimated before.
+  const height = () => {
+    const rows = buttons.offsetHeight > 0 ? buttons.offsetHeight
+      : BUTTON_ROW * Math.ceil((TOOLBAR_TAGS.length * BUTTON_WIDTH) / Math.max(BUTTON_WIDTH, (node.size?.[0] ?? 400) - 20));
+    return rows + 2 * LINE_HEIGHT + 8;
+  };
   const toolbar = node.addDOMWidget(`acestep_${widget.name}_tools`, "acestep_lyrics_tools", root, {
     serialize: false,
-    getMinHeight: () => TOOLBAR_HEIGHT,
-    getMaxHeight: () => TOOLBAR_HEIGHT,
+    getMinHeight: height,
+    getMaxHeight: height,
   });
   toolbar.serialize = false;
   refresh();

@@ -25,6 +25,18 @@ class StubNode {
     return widget;
   }
 
+  addWidget(type, name, value, callback) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = name;
+    button.dataset.widget = name;
+    button.addEventListener("click", () => callback());
+    this.host.append(button);
+    const widget = { name, type, value, callback, element: button };
+    this.widgets.push(widget);
+    return widget;
+  }
+
   addDOMWidget(name, type, element, options) {
     const widget = { name, type, element, options, value: undefined };
     this.host.append(element);
@@ -120,6 +132,7 @@ function render() {
 async function setup() {
   await import("/extensions/acestep/js/waveform_region.js");
   await import("/extensions/acestep/js/lyrics_helper.js");
+  await import("/extensions/acestep/js/params_upload.js");
   app.canvas.onDirty = render;
 
   const loadAudio = (await defineNode({ name: "LoadAudio", input: { required: { audio: [[]] } } }, (node) => {
@@ -145,6 +158,12 @@ async function setup() {
   await lyricsNode("AceStepTextEncode", ["lyrics"]);
   await lyricsNode("AceStepFlowEdit", ["lyrics", "target_lyrics"]);
   await lyricsNode("SomeoneElsesNode", ["lyrics"]);
+  const files = ["old_input_params.json"];
+  const params = await defineNode(
+    { name: "AceStepLoadParams", input: { required: { params_file: [files, { acestep_params_upload: true }] } } },
+    (node) => node.widgets.push({ name: "params_file", type: "combo", value: files[0], options: { values: files } }),
+  );
+  params();
   render();
 }
 
@@ -169,6 +188,11 @@ window.harness = {
   },
   executed(nodeName, output) {
     nodes[nodeName].onExecuted?.(output);
+  },
+  /** min/max height a DOM widget asks the editor for. */
+  domHeight(nodeName, widgetName) {
+    const w = widget(nodeName, widgetName);
+    return [w.options.getMinHeight(), w.options.getMaxHeight()];
   },
   /** name, serialize and options.serialize of every widget, in order. */
   widgets: (nodeName) =>
