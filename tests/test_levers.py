@@ -119,6 +119,47 @@ def test_low_vram_moves_each_component_in_only_for_its_phase(model, monkeypatch)
     torch.testing.assert_close(offloaded.waveform, plain.waveform, atol=0, rtol=0)
 
 
+def test_cli_long_songs_keep_one_phase_on_the_device_and_the_same_audio(model, monkeypatch):
+    """--cpu-offload past the model's length: each window's decode runs in its own phase inside the transformer's
+    (the transformer waits in CPU memory meanwhile and comes back after), with the same audio."""
+    import argparse
+
+    from acestep_core import cli_tasks
+
+    def copy(self, tensor):
+        moved = tensor.detach().clone()
+        moved = nn.Parameter(moved, requires_grad=False) if isinstance(tensor, nn.Parameter) else moved
+        moved._phase_copy = True
+        return moved
+
+    monkeypatch.setattr(cli_tasks, "MAX_MODEL_SECONDS", 1.0)
+    args = argparse.Namespace(task="text2music", window_seconds=1.2, overlap_seconds=0.4, lrc=None)
+    request = pipeline.Request(prompt="pop", lyrics="[verse]\nla la", audio_duration=2.5, infer_step=2,
+                               manual_seeds=[4], retake_seeds=[5], sample_rate=44100)
+    plain = cli_tasks.generate(model, request, args)
+    seen: dict[str, list[set[str]]] = {}
+    for owner, method, label in ((model.text_encoder, "encode", "text"), (model.transformer, "decode", "transformer"),
+                                 (model.dcae, "decode", "dcae")):
+        original = getattr(owner, method)
+
+        def recorded(*a, _original=original, _label=label, **kwargs):
+            seen.setdefault(_label, []).append(_resident(model))
+            return _original(*a, **kwargs)
+
+        monkeypatch.setattr(owner, method, recorded)
+    monkeypatch.setattr(fast.Offloader, "active", property(lambda self: True))
+    monkeypatch.setattr(fast.Offloader, "_copy", copy)
+    try:
+        offloaded = cli_tasks.generate(model, request, args, levers=fast.Levers(cpu_offload=True))
+    finally:
+        assert fast.placement(model, False) is None
+    assert seen["text"] and all(r == {"text"} for r in seen["text"])
+    assert len(seen["transformer"]) >= 4 and all(r == {"transformer"} for r in seen["transformer"])
+    assert len(seen["dcae"]) >= 2 and all(r == {"dcae", "vocoder"} for r in seen["dcae"]), "one decode per window"
+    assert _resident(model) == set()
+    torch.testing.assert_close(offloaded.waveform, plain.waveform, atol=0, rtol=0)
+
+
 def test_placement_parks_and_restores_on_a_separate_device(model):
     """With a device unlike the home, low-VRAM mode keeps the weights home and a phase moves only its modules in."""
     class Shell:  # a model whose compute device is "meta", so parking is a real move without a GPU
