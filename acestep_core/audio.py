@@ -247,8 +247,8 @@ def decode_latents(
 ) -> Tensor:
     """Latents [B, 8, 16, T] → float32 stereo waveform [B, 2, N] on the DCAE's device (official decode), design §1, §6.
 
-    `z/SCALE + SHIFT` → DCAE decoder → mel de-normalise → vocoder per stereo channel → resample to `sample_rate`
-    if not 44.1 kHz (N = T·4096, or ceil(T·4096·sr/44100)). `overlapped=True` is the official `decode_overlap`:
+    `z/SCALE + SHIFT` → DCAE decoder → mel de-normalise → vocoder (both stereo channels in one call) → resample
+    to `sample_rate` if not 44.1 kHz (N = T·4096, or ceil(T·4096·sr/44100)). `overlapped=True` is the official `decode_overlap`:
     DCAE windows of `window_frames` latent frames (512 officially; smaller windows bound memory further, in steps
     of 4) and vocoder windows of 512 mel frames with cross-fades; its length is floor(T·4096·sr/44100).
     `callback(done, total)` runs after each DCAE or vocoder call.
@@ -264,10 +264,9 @@ def decode_latents(
     param, voc_param = _param(dcae), _param(vocoder)
     frames = latents.shape[-1]
     plan = _plan_windows(frames, window_frames) if overlapped else [(0, frames, 0, frames)]
-    channels = dcae.config.in_channels
     vocoder_calls = (
         -(-(frames * FRAMES_PER_LATENT * HOP) // (VOCODER_WINDOW_FRAMES * HOP - 2 * VOCODER_OVERLAP_SAMPLES))
-        if overlapped else channels
+        if overlapped else 1
     )
     total, done = latents.shape[0] * (len(plan) + vocoder_calls), 0
 
@@ -290,11 +289,10 @@ def decode_latents(
             if overlapped:
                 wav = _vocode_overlapped(vocoder, mel, step)                            # [2, ≥ T·4096]
             else:
-                per_channel = []
-                for channel in mel:                                                     # [128, 8T] each
-                    per_channel.append(vocoder.decode(channel.unsqueeze(0)).squeeze(1))  # [1, T·4096]
-                    step()
-                wav = torch.cat(per_channel, dim=0)
+                # both stereo channels in one vocoder call, as a batch of two mono mels (the official
+                # decoder calls it once per channel; each batch item is computed on its own, design §6.3)
+                wav = vocoder.decode(mel).squeeze(1)                                    # [2, T·4096]
+                step()
             wav = resample(wav.float().to(param.device), SAMPLE_RATE, sample_rate)
             if overlapped:
                 wav = wav[..., : frames * SAMPLES_PER_LATENT * sample_rate // SAMPLE_RATE]

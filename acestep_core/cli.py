@@ -87,9 +87,62 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora", action="append", default=[], help="LoRA file or folder, optionally PATH:STRENGTH")
     g.add_argument("--sample-rate", type=int, default=app_default("sample_rate"), choices=[44100, 48000],
                    help="44100 = the model's rate, 48000 = what the official app saves")
+    add_speed_arguments(g)
     cli_app.add_arguments(g)
     cli_tasks.add_arguments(g)
     return parser
+
+
+def _flag(text: str) -> bool:
+    """A switch value as the official app's click options take it (true/false, 1/0, yes/no, on/off)."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on", "y", "t"):
+        return True
+    if value in ("0", "false", "no", "off", "n", "f"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_speed_arguments(g: argparse.ArgumentParser) -> None:
+    """The speed and memory switches (docs/memory-and-speed.md), under the official app's names: each takes an
+    optional true/false (`--cpu-offload`, `--cpu_offload true`); `--bf16` and `--device_id` are aliases of
+    --dtype and --device."""
+    switches = {
+        "cpu_offload": "low VRAM: every component in CPU memory, each moved to the GPU only while it runs",
+        "torch_compile": "torch.compile the transformer blocks (the first call compiles; falls back to eager "
+                         "when no compiler is found)",
+        "overlapped_decode": "decode in overlapped windows from the start (always the fallback when the GPU runs "
+                             "out of memory)",
+    }
+    for name, text in switches.items():
+        g.add_argument(f"--{name.replace('_', '-')}", f"--{name}", dest=name, type=_flag, nargs="?", const=True,
+                       default=False, metavar="BOOL", help=text)
+    g.add_argument("--bf16", type=_flag, nargs="?", const=True, default=None, metavar="BOOL",
+                   help="official alias: true = --dtype bf16, false = --dtype fp32")
+    g.add_argument("--device_id", "--device-id", dest="device_id", type=int, default=None,
+                   help="official alias: GPU number N = --device cuda:N")
+
+
+def speed_settings(args: argparse.Namespace):
+    """(device, dtype name, Levers) from the parsed switches and their official aliases; clashes are refused."""
+    from .fast import Levers
+
+    device, dtype = args.device, args.dtype
+    if args.bf16 is not None:
+        wanted = "bf16" if args.bf16 else "fp32"
+        if dtype not in ("auto", wanted):
+            raise ValueError(f"--bf16 {str(args.bf16).lower()} asks for {wanted} but --dtype is {dtype}; drop one")
+        dtype = wanted
+    if args.device_id is not None:
+        if args.device_id < 0:
+            raise ValueError(f"--device_id must be a GPU number >= 0, got {args.device_id}")
+        wanted = f"cuda:{args.device_id}"
+        if device not in ("auto", "cuda", wanted):
+            raise ValueError(f"--device_id {args.device_id} asks for {wanted} but --device is {device}; drop one")
+        device = wanted
+    levers = Levers(cpu_offload=args.cpu_offload, torch_compile=args.torch_compile,
+                    overlapped_decode=args.overlapped_decode)
+    return device, dtype, levers
 
 
 def _read_audio(path: str | None):
@@ -131,11 +184,15 @@ def generate_command(args: argparse.Namespace) -> int:
     from .lora import ensure_loras, load_lora_file
     from .pipeline import Request
 
+    device_name, dtype_name, levers = speed_settings(args)
     setup = cli_app.prepare(args)
-    device, dtype = _device_and_dtype(args.device, args.dtype)
+    device, dtype = _device_and_dtype(device_name, dtype_name)
     t0 = time.perf_counter()
-    model = load_acestep(args.checkpoint, dtype=dtype, device=device, models_dir=args.models_dir,
-                         lyric_vocab=args.lyric_vocab)
+    # --cpu-offload: the weights are read straight into CPU memory (never all on the GPU at once); the model
+    # still computes on `device`, one phase at a time (acestep_core.fast.placement)
+    model = load_acestep(args.checkpoint, dtype=dtype, device="cpu" if levers.cpu_offload else device,
+                         models_dir=args.models_dir, lyric_vocab=args.lyric_vocab)
+    model.device = device
     loras = []
     for spec in args.lora:
         path, _, strength = spec.rpartition(":") if spec.rpartition(":")[2].replace(".", "", 1).lstrip("-").isdigit() \
@@ -167,7 +224,8 @@ def generate_command(args: argparse.Namespace) -> int:
     bar, callback = _progress(args.task)
     t1 = time.perf_counter()
     try:
-        result = cli_tasks.generate(model, request, args, callback=callback)
+        result = cli_tasks.generate(model, request, args, callback=callback, levers=levers,
+                                    notify=print if bar is None else bar.write)
     finally:
         if bar is not None:
             bar.close()

@@ -66,30 +66,39 @@ def _options(request):
     return tasks.with_options(request.options(), batch_branches=request.batch_branches)
 
 
-def _long(model, request, args, callback) -> Outcome:
+def _long(model, request, args, callback, levers, notify) -> Outcome:
+    from . import fast
     from .conditioning import encode_conditioning
-    from .longform import generate_long
+    from .longform import decode_window, generate_long
     from .lyric_timing import to_lrc
     from .noise import SeededNoise
 
     if request.batch_size != 1:
         raise ValueError("long songs (--duration past 240 s) are made one at a time: use --batch-size 1")
-    cond = encode_conditioning(model, request.prompt, request.lyrics, erg_tag=request.guidance.use_erg_tag)
+    offloader = fast.prepare(model, levers, notify=notify)  # --cpu-offload: one phase on the device at a time
+    with torch.no_grad(), fast.phase(offloader, model.text_encoder):
+        cond = encode_conditioning(model, request.prompt, request.lyrics, erg_tag=request.guidance.use_erg_tag)
     noise = SeededNoise(list(request.manual_seeds), list(request.retake_seeds), model.device, model.dtype)
+
+    def decode(z: Tensor) -> Tensor:  # each window's decode in its own phase (the transformer waits meanwhile)
+        with fast.phase(offloader, model.dcae, model.vocoder):
+            return decode_window(model, z)
 
     def progress(done: int, total: int) -> None:
         if callback is not None:
             callback(done - 1, total, None)
 
-    song = generate_long(model, cond, request.audio_duration, noise=noise, window_seconds=args.window_seconds,
-                         overlap_seconds=args.overlap_seconds, options=_options(request),
-                         sample_rate=request.sample_rate, timing=bool(args.lrc), callback=progress)
+    with fast.phase(offloader, model.transformer):
+        song = generate_long(model, cond, request.audio_duration, noise=noise, window_seconds=args.window_seconds,
+                             overlap_seconds=args.overlap_seconds, options=_options(request),
+                             sample_rate=request.sample_rate, timing=bool(args.lrc), decode=decode,
+                             callback=progress)
     lrc = [to_lrc(song.lines, request.audio_duration)] if args.lrc and song.lines is not None else None
     return Outcome(song.waveform, song.sample_rate, lrc)
 
 
-def _stem(model, request, args, callback) -> Outcome:
-    from . import audio as codec
+def _stem(model, request, args, callback, levers, notify) -> Outcome:
+    from . import fast
     from .conditioning import encode_conditioning
     from .noise import SeededNoise
     from .stemgen.generate import encode_reference, generate_latent, instrument_timbre, mix_with_reference, stemgen_lora
@@ -102,46 +111,56 @@ def _stem(model, request, args, callback) -> Outcome:
         raise ValueError(f"--task {args.task} needs --src-audio")
     transformer = model.transformer
     options = _options(request)
+    offloader = fast.prepare(model, levers, notify=notify)  # --cpu-offload: one phase on the device at a time
     with torch.no_grad(), stemgen_lora(transformer, weights, float(args.stemgen_lora_strength)):
         control = weights.build_control(transformer)
-        cond = encode_conditioning(model, request.prompt, "", erg_tag=options.guidance.use_erg_tag)
+        with fast.phase(offloader, model.text_encoder):
+            cond = encode_conditioning(model, request.prompt, "", erg_tag=options.guidance.use_erg_tag)
         source = request.src_audio if request.src_audio.ndim == 3 else request.src_audio[None]
-        reference = encode_reference(model, source, request.src_sample_rate)
-        timbre = None
-        if args.instrument_audio:
-            from .cli import _read_audio
+        with fast.phase(offloader, model.dcae, model.vocoder):
+            reference = encode_reference(model, source, request.src_sample_rate)
+            timbre = None
+            if args.instrument_audio:
+                from .cli import _read_audio
 
-            sample, rate = _read_audio(args.instrument_audio)
-            timbre = instrument_timbre(model, sample, rate)
+                sample, rate = _read_audio(args.instrument_audio)
+                timbre = instrument_timbre(model, sample, rate)
         batch = reference.shape[0]
         if batch == 1 and request.batch_size > 1:
             reference = reference.expand(request.batch_size, -1, -1, -1)
         noise = SeededNoise(list(request.manual_seeds), list(request.retake_seeds), model.device, model.dtype)
-        latent = generate_latent(transformer, control, cond, reference, timbre=timbre,
-                                 control_scale=float(args.control_scale), options=options, noise=noise,
-                                 callback=callback)
-        part = codec.decode_latents(model.dcae, model.vocoder, latent, sample_rate=request.sample_rate).float().cpu()
+        with fast.phase(offloader, transformer, control):
+            latent = generate_latent(transformer, control, cond, reference, timbre=timbre,
+                                     control_scale=float(args.control_scale), options=options, noise=noise,
+                                     callback=callback)
+        with fast.phase(offloader, model.dcae, model.vocoder):
+            part = fast.decode(model.dcae, model.vocoder, latent, levers=levers,
+                               sample_rate=request.sample_rate).float().cpu()
         mix = mix_with_reference(source.float(), request.src_sample_rate, part, request.sample_rate)
     return Outcome(part, request.sample_rate, extra={"_mix": mix.cpu()})
 
 
-def generate(model, request, args: argparse.Namespace, callback=None) -> Outcome:
-    """Run the CLI's request: a stem task, a long song, or one pipeline call (collecting lyric timing for --lrc)."""
+def generate(model, request, args: argparse.Namespace, callback=None, levers=None, notify=None) -> Outcome:
+    """Run the CLI's request: a stem task, a long song, or one pipeline call (collecting lyric timing for --lrc).
+
+    `levers` are the speed and memory switches (acestep_core.fast.Levers), `notify(text)` hears their status."""
+    from .fast import Levers
     from .pipeline import generate as pipeline_generate
 
+    levers = Levers() if levers is None else levers
     if args.task in STEM_TASKS:
-        return _stem(model, request, args, callback)
+        return _stem(model, request, args, callback, levers, notify)
     if args.task == "text2music" and request.audio_duration > MAX_MODEL_SECONDS:
-        return _long(model, request, args, callback)
+        return _long(model, request, args, callback, levers, notify)
     if not args.lrc:
-        result = pipeline_generate(model, request, callback=callback)
+        result = pipeline_generate(model, request, callback=callback, levers=levers, notify=notify)
         return Outcome(result.waveform, result.sample_rate)
     from .lyric_timing import align_lyrics, collect_lyric_attention, to_lrc
 
     lyrics = request.edit_target_lyrics if request.task == "edit" else request.lyrics
     if not lyrics.strip():
         raise ValueError("--lrc needs lyrics (an instrumental has no lyric timing)")
-    result = pipeline_generate(model, request, callback=callback,
+    result = pipeline_generate(model, request, callback=callback, levers=levers, notify=notify,
                                collect=lambda cond: collect_lyric_attention(model.transformer, cond))
     collector = result.collected
     attention = collector.result()

@@ -25,8 +25,9 @@ import torch
 from torch import Tensor
 
 from . import tasks
-from .audio import decode_latents, resample
+from .audio import resample
 from .conditioning import Conditioning
+from .fast import decode_with_fallback
 from .latent import LATENT_RATE, SAMPLE_RATE, SAMPLES_PER_LATENT, seconds_at
 from .latent import frames_covering as frames_for_long
 from .lyric_timing import LineTiming, align_lyrics, collect_lyric_attention, to_lrc
@@ -254,11 +255,15 @@ def generate_long(
     return LongSong(audio[None], int(sample_rate), latent, tuple(windows), texts, ordered)
 
 
+def decode_window(model, z: Tensor) -> Tensor:
+    """One window's audio at 44.1 kHz: the overlapped (chunked) decode, with smaller windows on out-of-memory
+    (`fast.decode_with_fallback`, the decode of every entry point)."""
+    return decode_with_fallback(model.dcae, model.vocoder, z, overlapped=True)
+
+
 def _decoder(model) -> Decode:
     """The model's overlapped (chunked) decode at 44.1 kHz."""
-    def decode(z: Tensor) -> Tensor:
-        return decode_latents(model.dcae, model.vocoder, z, overlapped=True)
-    return decode
+    return lambda z: decode_window(model, z)
 
 
 def _maybe_collect(enabled: bool, transformer, cond: Conditioning):

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import audio as audio_io
-from . import tasks
+from . import fast, tasks
 from .conditioning import Conditioning, encode_conditioning
 from .latent import frames_at
 from .noise import NoiseSource, SeededNoise
@@ -80,10 +80,11 @@ class Result:
     collected: object = None  # what `collect(...)` yielded (e.g. a lyric-attention collector), else None
 
 
-def _encode_source(model, waveform: Tensor | None, rate: int | None, what: str) -> Tensor:
+def _encode_source(model, waveform: Tensor | None, rate: int | None, what: str, offloader=None) -> Tensor:
     if waveform is None or rate is None:
         raise ValueError(f"this task needs {what}: pass the audio and its sample rate")
-    return audio_io.encode_audio(model.dcae, model.vocoder.mel_transform, waveform, rate)
+    with fast.phase(offloader, model.dcae, model.vocoder):
+        return audio_io.encode_audio(model.dcae, model.vocoder.mel_transform, waveform, rate)
 
 
 def _song_seconds(r: Request) -> float:
@@ -98,14 +99,19 @@ def _song_seconds(r: Request) -> float:
 
 
 def generate(model, request: Request, *, noise: NoiseSource | None = None, callback=None, decode: bool = True,
-             collect=None) -> Result:
+             levers: fast.Levers = fast.Levers(), notify=None, collect=None) -> Result:
     """Run one request on a loaded model (design §8). Without `noise`, the official seeded generators are used.
+
+    `levers` are the speed/memory switches (acestep_core.fast.Levers: CPU offload per phase, torch.compile,
+    overlapped decode); `notify(text)` hears their status lines. Decoding falls back to smaller windows on
+    out-of-memory.
 
     `collect(conditioning)`, when given, returns a context manager entered around the sampling with the
     conditioning whose lyrics are sung (the edit target for edit), e.g. lyric_timing.collect_lyric_attention;
     what it yields comes back as ``Result.collected``.
 
-    Running out of memory raises torch.OutOfMemoryError naming the settings that would fit (validation module).
+    Running out of memory elsewhere raises torch.OutOfMemoryError naming the settings that would fit (validation
+    module).
     """
     r = request
     if r.task not in TASKS:
@@ -115,7 +121,12 @@ def generate(model, request: Request, *, noise: NoiseSource | None = None, callb
         noise = SeededNoise.from_seeds(r.manual_seeds, r.batch_size, retake_seed=r.retake_seeds,
                                        device=model.device, dtype=model.dtype)
     options = r.options()
-    cond = encode_conditioning(model, r.prompt, r.lyrics, erg_tag=r.guidance.use_erg_tag)
+    offloader = fast.prepare(model, levers, notify=notify)
+    with torch.no_grad(), fast.phase(offloader, model.text_encoder):
+        cond = encode_conditioning(model, r.prompt, r.lyrics, erg_tag=r.guidance.use_erg_tag)
+        target = None
+        if r.task == "edit":
+            target = encode_conditioning(model, r.edit_target_prompt, r.edit_target_lyrics, erg_tag=False)
     common = dict(batch_size=r.batch_size, options=options, noise=noise, callback=callback)
     if r.task in ("text2music", "retake"):
         if not (isinstance(r.audio_duration, (int, float)) and math.isfinite(r.audio_duration)):
@@ -123,13 +134,20 @@ def generate(model, request: Request, *, noise: NoiseSource | None = None, callb
         frames = tasks.frames_for_seconds(r.audio_duration)
 
     def run_task() -> Tensor:
+        source = None
+        if r.task == "audio2audio":
+            source = _encode_source(model, r.ref_audio, r.ref_sample_rate, "a reference audio (ref_audio)", offloader)
+        elif r.task not in ("text2music", "retake"):
+            source = _encode_source(model, r.src_audio, r.src_sample_rate, "a source audio (src_audio)", offloader)
+        with fast.phase(offloader, transformer):
+            return run_on(source)
+
+    def run_on(src: Tensor | None) -> Tensor:
         if r.task in ("text2music", "retake"):
             variance = r.retake_variance if r.task == "retake" else 0.0
             return tasks.text2music(transformer, cond, frames, retake_variance=variance, **common)
         if r.task == "audio2audio":
-            ref = _encode_source(model, r.ref_audio, r.ref_sample_rate, "a reference audio (ref_audio)")
-            return tasks.audio2audio(transformer, cond, ref, ref_strength=r.ref_audio_strength, **common)
-        src = _encode_source(model, r.src_audio, r.src_sample_rate, "a source audio (src_audio)")
+            return tasks.audio2audio(transformer, cond, src, ref_strength=r.ref_audio_strength, **common)
         if r.task == "repaint":
             start, end = frames_at(r.repaint_start), frames_at(r.repaint_end)
             return tasks.repaint(transformer, cond, src, start, end, variance=r.retake_variance, **common)
@@ -140,10 +158,6 @@ def generate(model, request: Request, *, noise: NoiseSource | None = None, callb
         edit = tasks.EditOptions(r.edit_n_min, r.edit_n_max, r.edit_n_avg)
         return tasks.flow_edit(transformer, cond, target, src, edit=edit, **common)
 
-    target = None
-    if r.task == "edit":
-        target = encode_conditioning(model, r.edit_target_prompt, r.edit_target_lyrics, erg_tag=False)
-
     memory = MemorySettings("generating", _song_seconds(r), r.batch_size, model.dtype, model.device,
                             r.batch_branches)
     context = collect(target if target is not None else cond) if collect is not None else contextlib.nullcontext()
@@ -152,7 +166,9 @@ def generate(model, request: Request, *, noise: NoiseSource | None = None, callb
             latents = call_explaining_oom(run_task, memory)
         waveform = None
         if decode:
-            waveform = audio_io.decode_latents(model.dcae, model.vocoder, latents, sample_rate=r.sample_rate).cpu()
+            with fast.phase(offloader, model.dcae, model.vocoder):
+                waveform = fast.decode(model.dcae, model.vocoder, latents, levers=levers, sample_rate=r.sample_rate)
+            waveform = waveform.cpu()
     return Result(latents, waveform, r.sample_rate, cond, collected)
 
 

@@ -259,12 +259,15 @@ def flow_edit(
     n = options.steps
     n_min, n_max = int(n * edit.n_min), int(n * edit.n_max)
     frames = torch.ones(x_src.shape[0] * (2 if do_cfg else 1), x_src.shape[-1], device=device, dtype=dtype)
+    # fast path: each condition's cross-attention K/V once per edit, not at every call (as in text2music)
+    kv = {id(s): transformer.cross_kv(s) for s in (src_states, tar_states)} if options.speed.reuse_cross_kv else {}
 
     def v_of(z: Tensor, t_value: Tensor, states: Tensor, mask: Tensor, momentum: MomentumBuffer | None,
              cond: Conditioning) -> Tensor:
         inp = torch.cat([z, z]) if do_cfg else z
         with conditional_rows(cond, slice(0, z.shape[0])):                  # conditional rows first
-            v = transformer.decode(inp, frames, states, mask, t_value.expand(inp.shape[0]))
+            v = transformer.decode(inp, frames, states, mask, t_value.expand(inp.shape[0]),
+                                   cross_kv=kv.get(id(states)), linear_ff=options.speed.linear_ff)
         if not do_cfg:
             return v
         v_c, v_u = v.chunk(2)

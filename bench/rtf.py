@@ -356,12 +356,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=_positive(int), nargs="+", default=[1])
     p.add_argument("--compare", action="store_true", help="run the eager path too and compare (speed, max diff)")
     p.add_argument("--eager", action="store_true", help="run only the eager path (every fast option off)")
-    p.add_argument("--low-vram", action="store_true",
+    p.add_argument("--low-vram", "--cpu-offload", dest="low_vram", action="store_true",
                    help="keep components on the CPU and move each to the device only for its phase")
     for name, text in FAST_FLAGS.items():
         p.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_false",
                        help=f"fast path: do not {text}")
-    p.add_argument("--compile", action="store_true", help="fast path: torch.compile the transformer blocks")
+    p.add_argument("--compile", "--torch-compile", dest="compile", action="store_true",
+                   help="fast path: torch.compile the transformer blocks")
     p.add_argument("--no-tf32", dest="tf32", action="store_false",
                    help="GPU: keep fp32 matmuls in full precision (the official pipeline enables TF32)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before each timed setting")

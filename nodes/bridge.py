@@ -61,6 +61,17 @@ class Progress:
         return lambda done, total: self.update(done, total)
 
 
+def progress_text(text: str) -> None:
+    """Show a status line (e.g. the torch.compile first-call notice) under the running node in ComfyUI's UI; the
+    log always gets it too."""
+    print(f"[ACE-Step] {text}")
+    server, utils = comfy_module("server"), comfy_module("comfy_execution.utils")
+    context = utils.get_executing_context() if utils is not None and hasattr(utils, "get_executing_context") else None
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if context is not None and instance is not None and hasattr(instance, "send_progress_text"):
+        instance.send_progress_text(text, context.node_id)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # devices, dtypes and memory
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 
 from ..acestep_core import audio as codec
+from ..acestep_core import fast
 from ..acestep_core.params import app_default
 from . import bridge, wire
-from .model import ModelHandle, model_for
+from .model import ModelHandle, model_for, on_device
 from .wire import CATEGORY, MODEL
 
 OUTPUT_RATES = ("44100", "48000")
@@ -36,8 +37,9 @@ class AceStepEncode:
         waveform, rate = wire.check_audio(audio, "audio")
         loaded = model_for(model, ("dcae", "vocoder"))
         progress = bridge.Progress(waveform.shape[0])
-        latents = codec.encode_audio(loaded.dcae, loaded.vocoder.mel_transform, waveform, rate,
-                                     callback=progress.chunk_callback())
+        with on_device(model, loaded.dcae, loaded.vocoder):
+            latents = codec.encode_audio(loaded.dcae, loaded.vocoder.mel_transform, waveform, rate,
+                                         callback=progress.chunk_callback())
         return ({"samples": latents.to("cpu", torch.float32), "type": "audio"},)
 
 
@@ -64,16 +66,26 @@ class AceStepDecode:
                                "vocoder's own rate).",
                 }),
             },
+            "optional": {
+                "overlapped_decode": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Decode in overlapped windows from the start (least memory; the last ~0.1 s differs "
+                               "slightly). Off, the one-pass decode is tried first and windows are only the "
+                               "fallback when the GPU runs out of memory.",
+                }),
+            },
         }
 
-    def decode(self, model: ModelHandle, latent: dict, sample_rate: str):
+    def decode(self, model: ModelHandle, latent: dict, sample_rate: str, overlapped_decode: bool = False):
         if str(sample_rate) not in OUTPUT_RATES:
             raise ValueError(f"sample_rate must be one of {OUTPUT_RATES}, got {sample_rate!r}")
         samples = wire.samples_of(latent, "latent")
         loaded = model_for(model, ("dcae", "vocoder"))
-        progress = bridge.Progress(samples.shape[0] * 3)
-        waveform = codec.decode_latents(loaded.dcae, loaded.vocoder, samples, sample_rate=int(sample_rate),
-                                        callback=progress.chunk_callback())
+        progress = bridge.Progress(samples.shape[0] * 2)
+        with on_device(model, loaded.dcae, loaded.vocoder):
+            waveform = fast.decode(loaded.dcae, loaded.vocoder, samples, sample_rate=int(sample_rate),
+                                   levers=fast.Levers(overlapped_decode=bool(overlapped_decode)),
+                                   callback=progress.chunk_callback())
         waveform = waveform.to("cpu", torch.float32)
         if not torch.isfinite(waveform).all():
             raise ValueError(

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
+from ..acestep_core import fast
 from ..acestep_core.loading import ALL_COMPONENTS, DEFAULT_REPO, download_repo
 from . import bridge, files
 from .model import DEVICES, DTYPES, LoraEntry, ModelHandle, choose_device, choose_dtype, make_key, model_for, read_lora
@@ -59,6 +61,18 @@ class AceStepLoader:
                     "tooltip": f"Optional Hugging Face repo id (e.g. {DEFAULT_REPO}); downloaded once into "
                                "models/ace_step/<name> and used instead of checkpoint. Leave empty to use checkpoint.",
                 }),
+                "low_vram": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Low VRAM: have ComfyUI load each part onto the GPU only for the step that runs it "
+                               "(text encoder, transformer, audio decoder), never the whole model at once; ComfyUI "
+                               "unloads the others when it needs the room. A 240 s song then needs under 8 GB of GPU "
+                               "memory; each step pays a few seconds of copying.",
+                }),
+                "torch_compile": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Compile the transformer with torch.compile: faster sampling after a slow first run "
+                               "(minutes). Needs Triton on a GPU; without a compiler it runs uncompiled and says so.",
+                }),
             },
         }
 
@@ -73,12 +87,19 @@ class AceStepLoader:
         return (f"checkpoint {checkpoint!r} is not in models/ace_step or models/checkpoints; pick a listed one "
                 "(with repo_id set, any listed value will do: the download is used instead)")
 
-    def load(self, checkpoint: str, dtype: str, device: str, repo_id: str = ""):
+    def load(self, checkpoint: str, dtype: str, device: str, repo_id: str = "", low_vram: bool = False,
+             torch_compile: bool = False):
         target = choose_device(device)
         repo_id = (repo_id or "").strip()
         path = repo_path(repo_id) if repo_id else files.resolve("checkpoint", checkpoint, files.checkpoints())
-        key = make_key(path, choose_dtype(dtype, target), target)
-        return (ModelHandle(key, model=model_for(ModelHandle(key), components=())),)
+        levers = fast.Levers(cpu_offload=bool(low_vram), torch_compile=bool(torch_compile))
+        handle = ModelHandle(make_key(path, choose_dtype(dtype, target), target), levers=levers)
+        model = model_for(handle, components=())
+        if bridge.memory_manager() is None:
+            # low VRAM outside ComfyUI: off the GPU until a node needs a part (the cached model follows the last
+            # loader's mode); inside ComfyUI its memory manager places every component (nodes/model.py, on_device)
+            fast.placement(model, levers.cpu_offload)
+        return (replace(handle, model=model),)
 
 
 class AceStepLoraLoader:

@@ -7,7 +7,7 @@ from ..acestep_core import longform, tasks
 from ..acestep_core.params import app_default
 from . import bridge, wire
 from .sampling import DEFAULTS, sampler_widgets
-from .model import ModelHandle, model_for, transformer_for
+from .model import ModelHandle, model_for, on_device, transformer_for
 from .wire import CATEGORY, COND, MODEL, OPTIONS
 
 OUTPUT_RATES = ("44100", "48000")
@@ -98,10 +98,16 @@ class AceStepLongForm:
         loaded = model_for(model)
         noise = wire.noise_for(transformer, seed, 1)
         progress = bridge.Progress(int(steps))
-        song = longform.generate_long(
-            loaded, cond, float(seconds), noise=noise, window_seconds=float(window_seconds),
-            overlap_seconds=float(overlap_seconds), options=settings, sample_rate=int(sample_rate),
-            crossfade=crossfade, timing=bool(lyric_timing), callback=progress.update,
-        )
+
+        def decode(z):  # low VRAM: the decoder's own phase, the transformer waits in CPU memory meanwhile
+            with on_device(model, loaded.dcae, loaded.vocoder):
+                return longform.decode_window(loaded, z)
+
+        with on_device(model, transformer):
+            song = longform.generate_long(
+                loaded, cond, float(seconds), noise=noise, window_seconds=float(window_seconds),
+                overlap_seconds=float(overlap_seconds), options=settings, sample_rate=int(sample_rate),
+                crossfade=crossfade, timing=bool(lyric_timing), decode=decode, callback=progress.update,
+            )
         audio = {"waveform": song.waveform.to(torch.float32), "sample_rate": song.sample_rate}
         return (audio, {"samples": song.latent, "type": "audio"}, song.window_plan(), song.lrc(seconds))

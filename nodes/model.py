@@ -7,12 +7,14 @@ sampling.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from ..acestep_core import fast
 from ..acestep_core.loading import AceStepModel, load_acestep
 from ..acestep_core.lora import LoraWeights, ensure_loras, load_lora_file
 from . import bridge, comfy_models
@@ -38,13 +40,14 @@ class ModelHandle:
 
     key: ModelKey
     loras: tuple[LoraEntry, ...] = ()
+    levers: fast.Levers = fast.Levers()  # the loader's low_vram / torch_compile switches
     # The loaded model, held while ComfyUI keeps this handle as a node output (after ComfyUI's memory manager has
     # unloaded the model, the cache lets go of it and this is what keeps it; see nodes/comfy_models.py).
     model: object = field(default=None, compare=False, repr=False)
 
     def with_lora(self, entry: LoraEntry) -> ModelHandle:
         """A new handle with `entry` stacked on top (this one is unchanged)."""
-        return ModelHandle(self.key, self.loras + (entry,), self.model)
+        return replace(self, loras=self.loras + (entry,))
 
 
 def choose_device(device: str) -> torch.device:
@@ -80,15 +83,27 @@ def _weights_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in files)
 
 
-def _load(key: ModelKey) -> AceStepModel:
+def _load(key: ModelKey, in_cpu_memory: bool = False) -> AceStepModel:
     """Load every component of a checkpoint, with a progress bar over the components (inside ComfyUI onto its offload
-    device: `comfy_models.use` has ComfyUI move each component to key.device when a node runs it)."""
-    device = bridge.staging_device(torch.device(key.device))
-    bridge.free_memory(_weights_bytes(Path(key.path)), device)
+    device: `comfy_models.use` has ComfyUI move each component to key.device when a node runs it).
+
+    `in_cpu_memory` (the loader's low_vram outside ComfyUI): the weights are read into CPU memory and stay there
+    (low-VRAM mode, acestep_core.fast.placement), so the whole model is never on the GPU at once, not even while
+    loading.
+    """
+    device = torch.device(key.device)
+    if not in_cpu_memory:
+        device = bridge.staging_device(device)
+        bridge.free_memory(_weights_bytes(Path(key.path)), device)
     progress = bridge.Progress(4)
-    return load_acestep(
-        key.path, dtype=key.dtype, device=device, progress=lambda name, done, total: progress.update(done, total)
+    model = load_acestep(
+        key.path, dtype=key.dtype, device="cpu" if in_cpu_memory else device,
+        progress=lambda name, done, total: progress.update(done, total),
     )
+    if in_cpu_memory:
+        model.device = device
+        fast.placement(model, True)
+    return model
 
 
 def model_for(handle: ModelHandle, components=comfy_models.ALL, extra: dict | None = None) -> AceStepModel:
@@ -100,9 +115,31 @@ def model_for(handle: ModelHandle, components=comfy_models.ALL, extra: dict | No
     if not isinstance(handle, ModelHandle):
         raise ValueError(f"model must come from the ACE-Step Loader node, got {type(handle).__name__}")
     key = handle.key
-    model = MODELS.get(key, lambda: _load(key))
-    comfy_models.use(model, torch.device(key.device), components, lambda loaded: MODELS.release(key, loaded), extra)
+    in_cpu_memory = handle.levers.cpu_offload and not _inside_comfyui()
+    model = MODELS.get(key, (lambda: _load(key, in_cpu_memory=True)) if in_cpu_memory else (lambda: _load(key)))
+    if handle.levers.cpu_offload and _inside_comfyui():
+        # low VRAM inside ComfyUI: nothing up front; `on_device` has ComfyUI load each phase's components
+        _mark_compute_device(model, torch.device(key.device))
+        components, extra = (), None
+    _comfy_load(model, key, components, extra)
     return model
+
+
+def _inside_comfyui() -> bool:
+    return bridge.memory_manager() is not None
+
+
+def _comfy_load(model: AceStepModel, key: ModelKey, components, extra: dict | None = None) -> None:
+    comfy_models.use(model, torch.device(key.device), components, lambda loaded: MODELS.release(key, loaded), extra)
+
+
+def _mark_compute_device(model: AceStepModel, device: torch.device) -> None:
+    """Inside ComfyUI in low-VRAM mode a component may be parked on ComfyUI's offload device while a node makes its
+    noise: the noise is still made where the component computes (acestep_core.fast.compute_device)."""
+    for attribute, _, _ in comfy_models.COMPONENTS.values():
+        module = getattr(model, attribute, None)
+        if module is not None:
+            module._acestep_device = device
 
 
 def transformer_for(handle: ModelHandle) -> torch.nn.Module:
@@ -116,6 +153,59 @@ def transformer_for(handle: ModelHandle) -> torch.nn.Module:
     pairs = [(entry.weights, entry.strength) for entry in handle.loras]
     ensure_loras(model.transformer, pairs, honour_alpha=bool(modes and modes.pop()))
     return model.transformer
+
+
+def on_device(handle: ModelHandle, *modules: torch.nn.Module | None):
+    """Context for a node's work with `modules` of the handle's model (a phase); with torch_compile the transformer
+    blocks are compiled first (the first call shows its cost as progress text).
+
+    Low-VRAM mode (the loader's low_vram, docs/memory-and-speed.md): outside ComfyUI every component waits in CPU
+    memory and only `modules` are moved onto the device until the context ends (acestep_core.fast.Offloader).
+    Inside ComfyUI its memory manager does all placement: this asks it to load just `modules` (ComfyUI unloads the
+    others when it needs the room) and moves no weight itself.
+    """
+    model = model_for(handle, components=())
+    if not _inside_comfyui():
+        return fast.phase(fast.prepare(model, handle.levers, notify=bridge.progress_text), *modules)
+    fast.prepare(model, replace(handle.levers, cpu_offload=False), notify=bridge.progress_text)
+    if not handle.levers.cpu_offload:
+        return contextlib.nullcontext()
+    return _comfy_phase(handle, model, modules)
+
+
+_COMFY_PHASES: dict[int, list] = {}  # id(model) -> the modules of its open phases, outermost first (low VRAM)
+
+
+@contextlib.contextmanager
+def _comfy_phase(handle: ModelHandle, model: AceStepModel, modules):
+    """Low VRAM inside ComfyUI: ComfyUI loads the phase's modules; when an inner phase ends (Long Form decodes a
+    window inside its transformer phase) the outer phase's modules are loaded again, since ComfyUI may have
+    unloaded them to make room."""
+
+    def load(phase_modules) -> None:
+        names, extra = [], {}
+        for module in phase_modules:
+            if module is None:
+                continue
+            name = next((n for n, (attribute, _, _) in comfy_models.COMPONENTS.items()
+                         if getattr(model, attribute, None) is module), None)
+            if name is not None:
+                names.append(name)
+            else:
+                extra[comfy_models.STEMGEN[0]] = module  # the one module a node runs beside the model's own
+        _comfy_load(model, handle.key, names, extra)
+
+    stack = _COMFY_PHASES.setdefault(id(model), [])
+    load(modules)
+    stack.append(modules)
+    try:
+        yield
+    finally:
+        stack.pop()
+        if stack:
+            load(stack[-1])
+        else:
+            _COMFY_PHASES.pop(id(model), None)
 
 
 @functools.lru_cache(maxsize=8)

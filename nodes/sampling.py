@@ -5,14 +5,14 @@ import functools
 
 import torch
 
-from ..acestep_core import tasks
+from ..acestep_core import fast, tasks
 from ..acestep_core.noise import MAX_SEED
 from ..acestep_core.params import EDIT_TYPES, app_default, edit_range
 from ..acestep_core.sampling.denoiser import CFG_TYPES, GuidanceConfig
 from ..acestep_core.validation import MemorySettings, call_explaining_oom
 from . import bridge, timing, wire
 from . import params as app_nodes
-from .model import ModelHandle, transformer_for
+from .model import ModelHandle, on_device, transformer_for
 from .wire import CATEGORY, COND, MODEL, OPTIONS
 
 # the official app's UI values where they differ from the pipeline's (acestep_core.params.APP_DEFAULTS)
@@ -123,7 +123,7 @@ class AceStepSampler:
         memory = _memory_settings("sampling", transformer, frames, source.shape[0], settings.speed.batch_branches)
         run = functools.partial(tasks.run_task, task, transformer, cond, source, mark, batch_size=source.shape[0],
                                 options=settings, noise=noise, callback=progress.step_callback())
-        with torch.no_grad():
+        with torch.no_grad(), on_device(model, transformer):
             out, collected = timing.sample_collecting(collect_lyric_timing, transformer, cond,
                                                       functools.partial(call_explaining_oom, run, memory))
         drop = (("noise_mask",) if out.shape[-1] != source.shape[-1] else ()) + (timing.TIMING_KEY,)
@@ -138,7 +138,8 @@ class AceStepSampler:
 def _memory_settings(stage: str, transformer, frames: int, batch: int, batch_branches: bool) -> MemorySettings:
     """What an out-of-memory message needs to suggest settings that would fit."""
     p = next(transformer.parameters())
-    return MemorySettings(stage, wire.frames_to_seconds(frames), batch, p.dtype, p.device, batch_branches)
+    return MemorySettings(stage, wire.frames_to_seconds(frames), batch, p.dtype, fast.compute_device(transformer),
+                          batch_branches)
 
 
 class AceStepSamplerOptions:
@@ -305,7 +306,7 @@ class AceStepFlowEdit:
         memory = _memory_settings("editing", transformer, source.shape[-1], source.shape[0], options.speed.batch_branches)
         run = functools.partial(tasks.flow_edit, transformer, src, tgt, source, edit=edit, batch_size=source.shape[0],
                                 options=options, noise=noise, callback=progress.step_callback())
-        with torch.no_grad():
+        with torch.no_grad(), on_device(model, transformer):
             out, collected = timing.sample_collecting(collect_lyric_timing, transformer, tgt,
                                                       functools.partial(call_explaining_oom, run, memory))
         result = wire.with_samples(latent, out, drop=(timing.TIMING_KEY,))

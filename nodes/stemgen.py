@@ -19,7 +19,7 @@ from ..acestep_core.stemgen.generate import generate_accompaniment, generate_ste
 from ..acestep_core.stemgen.weights import StemGenWeights, is_stemgen_file, load_stemgen
 from . import bridge, files, wire
 from .sampling import DEFAULTS, sampler_widgets
-from .model import LoraEntry, ModelHandle, model_for, transformer_for
+from .model import LoraEntry, ModelHandle, model_for, on_device, transformer_for
 from .wire import CATEGORY, MODEL, OPTIONS
 
 STEMGEN = "ACESTEP_STEMGEN"
@@ -123,8 +123,11 @@ def _inputs(task: str, model: ModelHandle, stemgen: StemGenWeights, reference: d
     control = control_for(stemgen, transformer)
     loaded = model_for(handle, extra={"stemgen": control})  # everything this node runs, in one call
     parts = (loaded, transformer, control, waveform, rate)
+    # each phase (text, audio codec, transformer + control, decode) through on_device: in low-VRAM mode (the
+    # loader's low_vram) only that phase's parts are on the device
     return parts, {"options": settings, "sample_rate": int(sample_rate),
-                   "callback": bridge.Progress(steps).step_callback()}
+                   "callback": bridge.Progress(steps).step_callback(),
+                   "phase": lambda *modules: on_device(handle, *modules)}
 
 
 def _audio_pair(part: torch.Tensor, mix: torch.Tensor, sample_rate: int) -> tuple[dict, dict]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..acestep_core.conditioning import encode_conditioning
-from .model import ModelHandle, model_for
+from .model import ModelHandle, model_for, on_device
 from .wire import CATEGORY, COND, MODEL
 
 
@@ -38,6 +38,6 @@ class AceStepTextEncode:
 
     def encode(self, model: ModelHandle, tags: str, lyrics: str):
         loaded = model_for(model, ("text",))
-        with torch.no_grad():
+        with torch.no_grad(), on_device(model, loaded.text_encoder):
             cond = encode_conditioning(loaded, tags, lyrics)
         return (cond.to("cpu"),)

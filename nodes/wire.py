@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..acestep_core import fast
 from ..acestep_core.audio import check_source_duration
 from ..acestep_core.conditioning import Conditioning
 from ..acestep_core.latent import MAX_SECONDS, check_latent  # noqa: F401  (the latent format, design §1)
@@ -95,11 +96,12 @@ def seeds_for(seed: int, latent: dict, batch: int) -> list[int]:
 
 def noise_for(transformer, seed: int, batch: int, *, retake_seed: int | None = None, latent: dict | None = None,
               seeds: list[int] | None = None):
-    """The node seed rule (noise.noise_for_seed, docs/seeds.md) on the model's device, in its dtype; `seeds`, one
-    per item, replace the manual stream's seed + i (the app's manual seed list)."""
+    """The node seed rule (noise.noise_for_seed, docs/seeds.md) on the model's compute device (in low-VRAM mode the
+    device its phases run on, so a seed gives the same song either way), in its dtype; `seeds`, one per item,
+    replace the manual stream's seed + i (the app's manual seed list)."""
     p = next(transformer.parameters())
     return noise_for_seed(seed, batch, retake_seed=retake_seed, offsets=batch_offsets(latent or {}, batch),
-                          manual_seeds=seeds, device=p.device, dtype=p.dtype)
+                          manual_seeds=seeds, device=fast.compute_device(transformer), dtype=p.dtype)
 
 
 def check_audio(audio: Any, name: str = "audio") -> tuple[torch.Tensor, int]:

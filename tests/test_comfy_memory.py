@@ -195,3 +195,44 @@ def test_inside_comfyui_a_gpu_model_is_read_onto_comfyuis_offload_device(comfy):
 def test_outside_comfyui_a_model_is_read_onto_its_own_device():
     cuda = torch.device("cuda", 0)
     assert bridge.staging_device(cuda) == cuda and bridge.offload_device("unet", cuda) == cuda
+
+
+def test_inside_comfyui_low_vram_has_comfyui_load_each_phase_and_moves_no_weight_itself(comfy, monkeypatch):
+    """The Loader's low_vram inside ComfyUI: ComfyUI's memory manager does all placement (the pack's offloader
+    never parks or moves a weight); each phase asks ComfyUI for just its components, and a Long Form window's
+    decode inside the transformer phase has the transformer loaded again after it. Same audio as without."""
+    fast = sys.modules[f"{pack.__name__}.acestep_core.fast"]
+    (plain,) = run("AceStepLoader", checkpoint="acestep-v1-tiny", dtype="fp32", device="cpu")
+    expected = text2music(plain)
+    comfy.mm.unload_all_models()
+    requests: list[list[str]] = []
+    load_models_gpu = comfy.mm.load_models_gpu
+
+    def recorded(models, **kwargs):
+        requests.append(sorted(type(p.model).__name__.removeprefix("AceStepPack") for p in models))
+        return load_models_gpu(models, **kwargs)
+
+    def moved(*args, **kwargs):
+        raise AssertionError("inside ComfyUI the pack's offloader must not move weights")
+
+    monkeypatch.setattr(comfy.mm, "load_models_gpu", recorded)
+    monkeypatch.setattr(fast.Offloader, "park", moved)
+    monkeypatch.setattr(fast.Offloader, "use", moved)
+    (handle,) = run("AceStepLoader", checkpoint="acestep-v1-tiny", dtype="fp32", device="cpu", low_vram=True)
+    assert handle.levers.cpu_offload and requests == []
+    assert torch.equal(text2music(handle), expected)
+    assert requests == [["TextEncoder"], ["Transformer"], ["DCAE", "Vocoder"]]
+    model = model_mod.model_for(handle, components=())
+    assert not getattr(model, "_acestep_parked", False)
+
+    requests.clear()
+    (cond,) = run("AceStepTextEncode", model=handle, tags="pop", lyrics="")
+    requests.clear()
+    run("AceStepLongForm", model=handle, conditioning=cond, seconds=3.0, window_seconds=2.0, overlap_seconds=0.5,
+        seed=3, steps=1, scheduler="euler", cfg_type="apg", guidance_scale=1.0, omega_scale=10.0,
+        sample_rate="44100")
+    transformer, decoder = ["Transformer"], ["DCAE", "Vocoder"]
+    assert requests[0] == transformer and requests.count(decoder) >= 2
+    for before, after in zip(requests, requests[1:]):
+        if before == decoder:
+            assert after == transformer, "the outer (transformer) phase is loaded again after each decode"

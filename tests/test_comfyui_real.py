@@ -471,11 +471,13 @@ def test_a_bad_value_is_refused_with_node_errors(server):
 TEXT2MUSIC_COMPONENTS = ["AceStepPackDCAE", "AceStepPackTextEncoder", "AceStepPackTransformer", "AceStepPackVocoder"]
 
 
-def run_text2music(server: Server, seed: int) -> np.ndarray:
-    """Run the text-to-music example with `seed`; the samples of the file it saved."""
+def run_text2music(server: Server, seed: int, low_vram: bool = False) -> np.ndarray:
+    """Run the text-to-music example with `seed` (and the Loader's `low_vram`); the samples of the file it saved."""
     prompt = tiny_prompt("acestep_text2music")
     (sampler,) = [node for node in prompt.values() if node["class_type"] == "AceStepSampler"]
     sampler["inputs"]["seed"] = seed
+    (loader,) = [node for node in prompt.values() if node["class_type"] == "AceStepLoader"]
+    loader["inputs"]["low_vram"] = low_vram
     prompt_id, _ = run_prompt(server, prompt)
     (save,) = [k for k, node in prompt.items() if node["class_type"] == "SaveAudio"]
     (entry,) = wait_for_history(server, prompt_id)["outputs"][save]["audio"]
@@ -548,3 +550,17 @@ def test_progress_and_cancel_reach_the_pack_nodes_under_the_memory_manager(serve
     # the interrupted run loaded its text encoder and transformer through ComfyUI, and they stay usable
     assert {"AceStepPackTextEncoder", "AceStepPackTransformer"} <= set(pack_loaded(probe(server, run_prompt)))
     assert run_text2music(server, seed=1234).shape[1] == 2
+
+
+def test_low_vram_leaves_the_placement_to_comfyuis_memory_manager(server):
+    """The Loader's low_vram inside ComfyUI (docs/memory-and-speed.md): each phase has ComfyUI load its components,
+    the pack moves no weight itself; the same seed gives the same audio, and StemGen's phases run too."""
+    plain = run_text2music(server, seed=2468)
+    low = run_text2music(server, seed=2468, low_vram=True)
+    assert low.shape == plain.shape and np.array_equal(low, plain)
+    prompt = tiny_prompt("acestep_stemgen")
+    for node in prompt.values():
+        if node["class_type"] == "AceStepLoader":
+            node["inputs"]["low_vram"] = True
+    prompt_id, _ = run_prompt(server, prompt)
+    assert wait_for_history(server, prompt_id)["status"]["status_str"] == "success"

@@ -70,7 +70,7 @@ def make_predict(transformer, branches: Branches, options: SamplerOptions = Samp
     """
     speed = options.speed
     if speed.compile:
-        from .fast import compile_blocks
+        from ..fast import compile_blocks
 
         compile_blocks(transformer)
     present = [n for n, s in (("cond", branches.cond), ("text", branches.text), ("uncond", branches.uncond))

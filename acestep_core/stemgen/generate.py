@@ -9,14 +9,15 @@ The LoRA of a StemGen file is applied by the caller (node: on the model's LoRA s
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..audio import SAMPLE_RATE, decode_latents, encode_audio, prepare_audio, resample
+from .. import fast
+from ..audio import SAMPLE_RATE, encode_audio, prepare_audio, resample
 from ..conditioning import ERG_TAU, Conditioning, encode_conditioning
 from ..lora import apply_loras
 from ..noise import NoiseSource, noise_for_seed
@@ -124,21 +125,29 @@ def mix_with_reference(reference: Tensor, reference_rate: int, stem: Tensor, ste
 def generate_part(model, transformer, control: StemGenControl, tags: str, reference: Tensor, reference_rate: int, *,
                   seed: int, options: SamplerOptions = SamplerOptions(),
                   instrument_audio: tuple[Tensor, int] | None = None, control_scale: float = 1.0,
-                  sample_rate: int = SAMPLE_RATE, callback: Callback | None = None) -> tuple[Tensor, Tensor]:
+                  sample_rate: int = SAMPLE_RATE, callback: Callback | None = None,
+                  phase: Callable[..., AbstractContextManager] | None = None) -> tuple[Tensor, Tensor]:
     """(generated part, reference + part), both [B, 2, N] float32 at `sample_rate`, for reference audio
     [B, C, L] at `reference_rate`, the style/instrument `tags` and the seed (noise.noise_for_seed, docs/seeds.md).
 
     `model` gives the text encoder, DCAE and vocoder; `transformer` is its transformer with the StemGen LoRA (if
-    any) applied; `instrument_audio` (waveform, rate) steers the timbre (docs/stemgen.md).
+    any) applied; `instrument_audio` (waveform, rate) steers the timbre (docs/stemgen.md). `phase(*modules)`, when
+    given, is entered around each phase with the modules it runs (low-VRAM mode: acestep_core.fast.phase); the
+    decode falls back to smaller windows on out-of-memory (fast.decode).
     """
-    cond = encode_conditioning(model, tags, "", erg_tag=options.guidance.use_erg_tag)
-    latent_ref = encode_reference(model, reference, reference_rate)
-    timbre = None if instrument_audio is None else instrument_timbre(model, *instrument_audio)
+    phase = phase or (lambda *modules: nullcontext())
+    with phase(model.text_encoder):
+        cond = encode_conditioning(model, tags, "", erg_tag=options.guidance.use_erg_tag)
+    with phase(model.dcae, model.vocoder):
+        latent_ref = encode_reference(model, reference, reference_rate)
+        timbre = None if instrument_audio is None else instrument_timbre(model, *instrument_audio)
     parameter = next(transformer.parameters())
-    noise = noise_for_seed(seed, latent_ref.shape[0], device=parameter.device, dtype=parameter.dtype)
-    latent = generate_latent(transformer, control, cond, latent_ref, timbre=timbre, control_scale=float(control_scale),
-                             options=options, noise=noise, callback=callback)
-    part = decode_latents(model.dcae, model.vocoder, latent, sample_rate=int(sample_rate)).float()
+    noise = noise_for_seed(seed, latent_ref.shape[0], device=fast.compute_device(transformer), dtype=parameter.dtype)
+    with phase(transformer, control):
+        latent = generate_latent(transformer, control, cond, latent_ref, timbre=timbre,
+                                 control_scale=float(control_scale), options=options, noise=noise, callback=callback)
+    with phase(model.dcae, model.vocoder):
+        part = fast.decode(model.dcae, model.vocoder, latent, sample_rate=int(sample_rate)).float()
     return part, mix_with_reference(reference, reference_rate, part, int(sample_rate))
 
 
