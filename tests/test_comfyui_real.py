@@ -289,6 +289,16 @@ def test_pack_imported_without_error(server):
     )
 
 
+def test_the_page_loads_each_pack_extension_once(server):
+    """GET /extensions (the list the editor page loads its extensions from) names every file of web/ exactly once:
+    the pack registers its web folder once (WEB_DIRECTORY only), so no extension runs twice."""
+    web = REPO / "web"
+    ours = sorted(p.relative_to(web).as_posix() for p in web.rglob("*.js"))
+    listed = [entry for entry in server.get("/extensions") if entry.startswith("/extensions/")]
+    pack_entries = [entry.split("/", 3)[3] for entry in listed if entry.split("/", 3)[3] in ours]
+    assert sorted(pack_entries) == ours, f"pack extensions listed {pack_entries}, expected each of {ours} once"
+
+
 def test_object_info_lists_every_node_with_its_inputs(server):
     info = server.get("/object_info")
     ours = {name for name, entry in info.items() if entry.get("python_module") == f"custom_nodes.{PACK_DIR}"}
