@@ -115,8 +115,8 @@ MAX_N_AVG = 16
 """Most flow-edit averaging passes: the Flow Edit node's maximum."""
 MAX_TAGS_CHARS = 16_384
 """Longest tags text accepted; the text encoder reads 256 tokens (about 1,500 characters) of it anyway."""
-MAX_LYRICS_CHARS = 32_768
-"""Longest lyrics accepted: several times what 4096 lyric tokens (the model's maximum) can hold."""
+MAX_LYRICS_CHARS = 20_000
+"""Longest lyrics accepted: more than 4096 lyric tokens (the model's maximum) of any language hold."""
 MAX_WEIGHT_MAGNITUDE = 1e6
 """Largest |value| accepted in a checkpoint or LoRA tensor; trained weights stay many orders of magnitude below."""
 

@@ -18,7 +18,7 @@ UNK_ID = 1
 SEPARATOR_ID = 2  # "[SPACE]": spaces inside a line and the end of every line
 START_ID = 261
 VOCAB_SIZE = 6693
-MAX_LINE_CHARS = 256
+MAX_LINE_CHARS = 128
 """Longest piece of a line read as one line. Language detection and some cleaners (pypinyin, number expansion) take
 time that grows faster than the length of a line, so a longer line is split at spaces into pieces of at most this
 many characters, each read as its own line (docs/bad-inputs.md); sung lines are far shorter."""
