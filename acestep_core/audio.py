@@ -114,8 +114,10 @@ def check_source_duration(num_samples: int, sample_rate: int, name: str = "audio
     """Seconds of `num_samples` at `sample_rate`; a ValueError saying how to trim it past MAX_SOURCE_SECONDS."""
     seconds = num_samples / _check_rate("sample_rate", sample_rate)
     if seconds > MAX_SOURCE_SECONDS:
+        minutes = f"{seconds / 60:.1f}"
+        length = f"{minutes} minutes" if float(minutes) > MAX_SOURCE_SECONDS / 60 else f"{seconds:.1f} seconds"
         raise ValueError(
-            f"{name} is {seconds / 60:.1f} minutes long; ACE-Step encodes at most {MAX_SOURCE_SECONDS / 60:.0f} "
+            f"{name} is {length} long; ACE-Step encodes at most {MAX_SOURCE_SECONDS / 60:.0f} "
             "minutes, since it generates in 240 s windows: trim it to the part you edit (for extend, the last "
             "4 minutes are enough) and join the result back afterwards"
         )

@@ -6,6 +6,7 @@ runs one task with the official app's defaults and writes the audio with soundfi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,11 +17,36 @@ from .sampling.denoiser import GuidanceConfig
 DTYPES = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def _text(value: str | None) -> str:
-    """A literal string, or the contents of a file given as @path."""
+OUT_SUFFIXES = (".wav", ".flac", ".ogg")
+
+
+def _text(value: str | None, name: str = "text") -> str:
+    """A literal string, or the contents of a file given as @path (read up to just past the longest text accepted)."""
+    from .validation import MAX_LYRICS_CHARS
+
     if value and value.startswith("@"):
-        return Path(value[1:]).read_text(encoding="utf-8")
+        try:
+            size = os.stat(value[1:]).st_size
+            if size > 4 * MAX_LYRICS_CHARS:  # more than the longest text accepted, even at 4 bytes a character
+                raise ValueError(f"{name} file {value[1:]!r} is {size} bytes long; at most {MAX_LYRICS_CHARS} "
+                                 "characters are accepted")
+            with open(value[1:], encoding="utf-8") as handle:
+                return handle.read()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{name} file {value[1:]!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        except OSError as err:
+            raise ValueError(f"{name} file {value[1:]!r} cannot be read: {err.strerror or err}") from None
     return value or ""
+
+
+def _check_out(value: str) -> Path:
+    """The output path, checked before any work: a known audio suffix and not a folder."""
+    out = Path(value)
+    if out.suffix.lower() not in OUT_SUFFIXES:
+        raise ValueError(f"--out {value!r}: the file name must end in {', '.join(OUT_SUFFIXES)} (the audio format)")
+    if out.is_dir():
+        raise ValueError(f"--out {value!r} is a folder; give a file name such as {str(out / 'song.wav')!r}")
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +104,10 @@ def _read_audio(path: str | None):
     import soundfile as sf
     import torch
 
-    data, rate = sf.read(path, dtype="float32", always_2d=True)  # [L, C]
+    try:
+        data, rate = sf.read(path, dtype="float32", always_2d=True)  # [L, C]
+    except (sf.LibsndfileError, RuntimeError, TypeError) as err:
+        raise ValueError(f"audio file {path!r} cannot be read as audio ({err}); give a .wav or .flac file") from None
     return torch.from_numpy(data.T.copy()), int(rate)
 
 
@@ -109,23 +138,38 @@ def _progress(total_hint: str):
 def generate_command(args: argparse.Namespace) -> int:
     import soundfile as sf
 
+    from . import tasks
+    from .conditioning import _check_text
     from .loading import load_acestep
     from .lora import ensure_loras, load_lora_file
     from .pipeline import Request, generate
+    from .sampling.schedules import parse_oss_steps
+    from .validation import MAX_BATCH, MAX_N_AVG, MAX_STEPS, check_count
 
-    device, dtype = _device_and_dtype(args.device, args.dtype)
-    t0 = time.perf_counter()
-    model = load_acestep(args.checkpoint, dtype=dtype, device=device, models_dir=args.models_dir,
-                         lyric_vocab=args.lyric_vocab)
+    # every input is checked before the model is loaded, so a bad one is answered at once and nothing is written
+    out = _check_out(args.out)
+    check_count("--steps", args.steps, MAX_STEPS)
+    check_count("--batch-size", args.batch_size, MAX_BATCH)
+    check_count("--edit-n-avg", args.edit_n_avg, MAX_N_AVG)
+    oss_steps = tuple(parse_oss_steps(args.oss_steps))
+    tags, lyrics = _check_text("tags", _text(args.tags, "tags")), _check_text("lyrics", _text(args.lyrics, "lyrics"))
+    edit_tags = _check_text("tags", _text(args.edit_tags, "edit tags"))
+    edit_lyrics = _check_text("lyrics", _text(args.edit_lyrics, "edit lyrics"))
+    if args.task in ("text2music", "retake") and tasks.frames_for_seconds(args.duration) > tasks.MAX_FRAMES:
+        raise ValueError(f"--duration {args.duration} is past the model's 240 s; use long-form generation")
+    src, src_rate = _read_audio(args.src_audio)
+    ref, ref_rate = _read_audio(args.ref_audio)
     loras = []
     for spec in args.lora:
         path, _, strength = spec.rpartition(":") if spec.rpartition(":")[2].replace(".", "", 1).lstrip("-").isdigit() \
             else (spec, "", "1")
         loras.append((load_lora_file(path), float(strength)))
+    device, dtype = _device_and_dtype(args.device, args.dtype)
+    t0 = time.perf_counter()
+    model = load_acestep(args.checkpoint, dtype=dtype, device=device, models_dir=args.models_dir,
+                         lyric_vocab=args.lyric_vocab)
     ensure_loras(model.transformer, loras)
     print(f"loaded {model.source} ({model.layout}, {dtype}, {device}) in {time.perf_counter() - t0:.1f} s")
-    src, src_rate = _read_audio(args.src_audio)
-    ref, ref_rate = _read_audio(args.ref_audio)
     seeds = None if args.seed is None else [args.seed + i for i in range(args.batch_size)]
     retake = None if args.retake_seed is None else [args.retake_seed + i for i in range(args.batch_size)]
     guidance = GuidanceConfig(
@@ -136,13 +180,13 @@ def generate_command(args: argparse.Namespace) -> int:
         use_erg_diffusion=not args.no_erg_diffusion, omega_scale=args.omega_scale,
     )
     request = Request(
-        task=args.task, prompt=_text(args.tags), lyrics=_text(args.lyrics), audio_duration=args.duration,
+        task=args.task, prompt=tags, lyrics=lyrics, audio_duration=args.duration,
         infer_step=args.steps, scheduler_type=args.scheduler, guidance=guidance,
-        oss_steps=tuple(int(s) for s in args.oss_steps.split(",") if s.strip()), batch_size=args.batch_size,
+        oss_steps=oss_steps, batch_size=args.batch_size,
         manual_seeds=seeds, retake_seeds=retake, retake_variance=args.variance, repaint_start=args.repaint_start,
         repaint_end=args.repaint_end if args.task != "retake" else args.duration, src_audio=src,
         src_sample_rate=src_rate, ref_audio=ref, ref_sample_rate=ref_rate, ref_audio_strength=args.ref_strength,
-        edit_target_prompt=_text(args.edit_tags), edit_target_lyrics=_text(args.edit_lyrics),
+        edit_target_prompt=edit_tags, edit_target_lyrics=edit_lyrics,
         edit_n_min=args.edit_n_min, edit_n_max=args.edit_n_max, edit_n_avg=args.edit_n_avg,
         sample_rate=args.sample_rate,
     )
@@ -154,7 +198,6 @@ def generate_command(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     elapsed = time.perf_counter() - t1
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     seconds = result.waveform.shape[-1] / result.sample_rate
     for i, wav in enumerate(result.waveform):
@@ -171,8 +214,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return generate_command(args)
     except (ValueError, FileNotFoundError, ImportError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        _print_error(f"error: {error}")
         return 2
+    except KeyboardInterrupt:
+        _print_error("interrupted")
+        return 130
+    except Exception as error:  # a bug, not a bad input: one line, with the type, to report
+        if os.environ.get("ACESTEP_TRACEBACK"):
+            raise
+        _print_error(f"internal error ({type(error).__name__}: {error}); please report it "
+                     "(set ACESTEP_TRACEBACK=1 to see where)")
+        return 1
+
+
+def _print_error(text: str) -> None:
+    """One line on stderr, whatever the text holds (lone surrogates included)."""
+    line = " ".join(text.split("\n"))[:2000]
+    print(line.encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,7 +16,7 @@ from . import tasks
 from .conditioning import Conditioning, encode_conditioning
 from .noise import NoiseSource, SeededNoise
 from .sampling.denoiser import GuidanceConfig
-from .validation import MemorySettings, call_explaining_oom
+from .validation import MemorySettings, call_explaining_oom, check_request_counts
 
 TASKS = ("text2music", "retake", "repaint", "extend", "edit", "audio2audio")
 
@@ -97,6 +97,7 @@ def generate(model, request: Request, *, noise: NoiseSource | None = None, callb
     Running out of memory raises torch.OutOfMemoryError naming the settings that would fit (validation module).
     """
     r = request
+    check_request_counts(r)
     if r.task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {r.task!r}")
     transformer = model.transformer

@@ -19,6 +19,7 @@ from .noise import NoiseSource
 from .sampling.denoiser import GuidanceConfig, guided_velocity
 from .sampling.guidance import MomentumBuffer, apg
 from .sampling.samplers import euler_step, sample_euler, sample_heun, sample_pingpong
+from .validation import MAX_BATCH, MAX_N_AVG, MAX_STEPS, check_count
 from .sampling.schedules import audio2audio_sigmas, heun_call_sigmas, official_sigmas, oss_sigmas, parse_oss_steps
 
 LATENT_CHANNELS = 8
@@ -44,8 +45,7 @@ class SamplerOptions:
     compile: bool = False  # torch.compile the transformer blocks (the first calls compile them)
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+        check_count("steps", self.steps, MAX_STEPS)
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
         object.__setattr__(self, "oss_steps", tuple(parse_oss_steps(self.oss_steps or None)))
@@ -206,6 +206,8 @@ def check_latent(latent: Tensor, name: str = "latent") -> Tensor:
         )
     if latent.shape[-1] < 1:
         raise ValueError(f"{name} has no frames; give a duration of at least 0.1 s")
+    if not 1 <= latent.shape[0] <= MAX_BATCH:
+        raise ValueError(f"{name} has a batch of {latent.shape[0]}; ACE-Step takes 1 to {MAX_BATCH} items at once")
     if not bool(torch.isfinite(latent).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
     return latent
@@ -399,8 +401,7 @@ class EditOptions:
     def __post_init__(self) -> None:
         if not (0.0 <= self.n_min <= self.n_max <= 1.0):
             raise ValueError(f"edit needs 0 <= n_min <= n_max <= 1, got n_min={self.n_min}, n_max={self.n_max}")
-        if isinstance(self.n_avg, bool) or not isinstance(self.n_avg, int) or self.n_avg < 1:
-            raise ValueError(f"n_avg must be an integer >= 1, got {self.n_avg!r}")
+        check_count("n_avg", self.n_avg, MAX_N_AVG)
 
 
 def _edit_states(transformer, cond: Conditioning, batch: int, with_uncond: bool) -> tuple[Tensor, Tensor]:

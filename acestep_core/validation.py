@@ -168,3 +168,19 @@ def check_tensor_values(tensor: torch.Tensor, what: str) -> None:
             f"{what} contains {kind} values (from {low:g} to {high:g}, more than {MAX_WEIGHT_MAGNITUDE:g} in size); "
             "the file is corrupt or was saved from a diverged training run"
         )
+
+
+MAX_REGION_SECONDS = 840.0
+"""Largest |repaint_start| / |repaint_end|: a 10-minute source plus one 240 s extension."""
+
+
+def check_request_counts(request: object) -> None:
+    """The counts and seconds of a `pipeline.Request`, bounded before any work (the command line's entry point)."""
+    check_count("batch_size", getattr(request, "batch_size", 1), MAX_BATCH)
+    check_count("steps", getattr(request, "infer_step", 1), MAX_STEPS)
+    check_count("edit_n_avg", getattr(request, "edit_n_avg", 1), MAX_N_AVG)
+    for name in ("repaint_start", "repaint_end"):
+        value = getattr(request, name, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or abs(value) > MAX_REGION_SECONDS:
+            raise ValueError(f"{name} must be a number of seconds within ±{MAX_REGION_SECONDS:.0f}, got {value!r}")

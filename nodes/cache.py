@@ -39,19 +39,23 @@ class ModelCache(Generic[T]):
         self._lock = threading.RLock()
 
     def get(self, key: ModelKey, load: Callable[[], T]) -> T:
-        """The cached model for `key`, or `load()`'s result, cached (the least recently used one may be evicted)."""
+        """The cached model for `key`, or `load()`'s result, cached (the least recently used one may be evicted).
+
+        The new model is loaded before anything is evicted: a load that fails (a broken file, a bad setting) leaves
+        every cached model in place (docs/bad-inputs.md).
+        """
         with self._lock:
             if key in self._models:
                 self._models.move_to_end(key)
                 return self._models[key]
+            model = load()
+            self._models[key] = model
             evicted = False
-            while len(self._models) >= self.capacity:
+            while len(self._models) > self.capacity:
                 self._models.popitem(last=False)
                 evicted = True
             if evicted:
                 bridge.empty_cache()
-            model = load()
-            self._models[key] = model
             return model
 
     def __contains__(self, key: object) -> bool:

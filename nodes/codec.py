@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..acestep_core import audio as codec
+from ..acestep_core.cancel import checked_calls
 from . import bridge, wire
 from .model import ModelHandle, model_for
 from .wire import CATEGORY, MODEL
@@ -35,8 +36,9 @@ class AceStepEncode:
         waveform, rate = wire.check_audio(audio, "audio")
         loaded = model_for(model)
         progress = bridge.Progress(waveform.shape[0])
-        latents = codec.encode_audio(loaded.dcae, loaded.vocoder.mel_transform, waveform, rate,
-                                     callback=progress.chunk_callback())
+        with checked_calls(bridge.check_interrupt, loaded.dcae, loaded.vocoder):  # cancel within a layer
+            latents = codec.encode_audio(loaded.dcae, loaded.vocoder.mel_transform, waveform, rate,
+                                         callback=progress.chunk_callback())
         return ({"samples": latents.to("cpu", torch.float32), "type": "audio"},)
 
 
@@ -70,8 +72,9 @@ class AceStepDecode:
         samples = wire.samples_of(latent, "latent")
         loaded = model_for(model)
         progress = bridge.Progress(samples.shape[0] * 3)
-        waveform = codec.decode_latents(loaded.dcae, loaded.vocoder, samples, sample_rate=int(sample_rate),
-                                        callback=progress.chunk_callback())
+        with checked_calls(bridge.check_interrupt, loaded.dcae, loaded.vocoder):  # cancel within a layer
+            waveform = codec.decode_latents(loaded.dcae, loaded.vocoder, samples, sample_rate=int(sample_rate),
+                                            callback=progress.chunk_callback())
         waveform = waveform.to("cpu", torch.float32)
         if not torch.isfinite(waveform).all():
             raise ValueError(

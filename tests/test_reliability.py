@@ -647,7 +647,7 @@ def test_interrupt_while_encoding_or_decoding_stops_within_a_chunk(handle, basel
     encoder_calls = counting(monkeypatch, model.dcae, "encode")
     comfy.interrupt_at = comfy.checks + 1
     interrupted(lambda: encode(handle, audio))
-    assert len(encoder_calls) == 1, "the second item was encoded after the interrupt"
+    assert len(encoder_calls) <= 1, "the second item was encoded after the interrupt"  # checks run inside calls too
     vocoder_calls = counting(monkeypatch, model.vocoder, "decode")
     comfy.interrupt_at = comfy.checks + 1
     interrupted(lambda: run("AceStepDecode", model=handle, latent=latent, sample_rate="44100"))
