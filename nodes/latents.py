@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..acestep_core.tasks import LATENT_CHANNELS, LATENT_HEIGHT
+from ..acestep_core.validation import MAX_BATCH, check_count
 from . import wire
 from .wire import CATEGORY, MAX_SECONDS
 
@@ -44,6 +45,7 @@ class AceStepEmptyLatent:
         }
 
     def make(self, seconds: float, batch_size: int):
+        check_count("batch_size", batch_size, MAX_BATCH)
         frames = wire.seconds_to_frames(wire.check_seconds("seconds", seconds))
         if frames < 1:
             raise ValueError(f"seconds={seconds} is shorter than one latent frame (0.093 s); use at least 1 s")
