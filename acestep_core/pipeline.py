@@ -99,7 +99,7 @@ def generate(model, request: Request, *, noise: NoiseSource | None = None, callb
     r = request
     check_request_counts(r)
     if r.task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {r.task!r}")
+        raise ValueError(f"task must be one of {TASKS}, got {r.task!r:.200}")
     transformer = model.transformer
     if noise is None:
         noise = SeededNoise.from_seeds(r.manual_seeds, r.batch_size, retake_seed=r.retake_seeds,

@@ -47,7 +47,7 @@ class SamplerOptions:
     def __post_init__(self) -> None:
         check_count("steps", self.steps, MAX_STEPS)
         if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r:.200}")
         object.__setattr__(self, "oss_steps", tuple(parse_oss_steps(self.oss_steps or None)))
         if not (isinstance(self.shift, (int, float)) and math.isfinite(self.shift) and self.shift > 0):
             raise ValueError(f"shift must be a finite number > 0, got {self.shift!r}")

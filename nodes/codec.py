@@ -73,7 +73,7 @@ class AceStepDecode:
 
     def decode(self, model: ModelHandle, latent: dict, sample_rate: str):
         if str(sample_rate) not in OUTPUT_RATES:
-            raise ValueError(f"sample_rate must be one of {OUTPUT_RATES}, got {sample_rate!r}")
+            raise ValueError(f"sample_rate must be one of {OUTPUT_RATES}, got {sample_rate!r:.200}")
         samples = wire.samples_of(latent, "latent")
         loaded = model_for(model)
         progress = bridge.Progress(samples.shape[0] * 3)

@@ -187,8 +187,8 @@ class AceStepDownload:
     def download(self, repo_id: str, target: str):
         repo_id = (repo_id or "").strip()
         if not REPO_ID.match(repo_id):
-            raise ValueError(f"repo_id {repo_id!r} is not a Hugging Face repo id like {DEFAULT_REPO!r}")
+            raise ValueError(f"repo_id {repo_id!r:.200} is not a Hugging Face repo id like {DEFAULT_REPO!r:.200}")
         if target not in TARGETS:
-            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r:.200}")
         path = fetch_repo(repo_id, target)
         return {"ui": {"text": [str(path)]}, "result": (str(path),)}

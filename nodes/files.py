@@ -120,6 +120,6 @@ def resolve(kind: str, name: str, listing: dict[str, Path]) -> Path:
         return listing[name]
     shown = ", ".join(sorted(listing)[:20]) or "nothing"
     raise ValueError(
-        f"{kind} {name!r} is not in the model folders (found: {shown}); pick a listed name, or put the file there "
+        f"{kind} {name!r:.200} is not in the model folders (found: {shown}); pick a listed name, or put the file there "
         "and press R in the editor to refresh the list"
     )

@@ -15,7 +15,7 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 def repo_path(repo_id: str) -> Path:
     """The local folder of a Hugging Face repo id in the download folder, downloaded when missing."""
     if not REPO_ID.match(repo_id):
-        raise ValueError(f"repo_id {repo_id!r} is not a Hugging Face repo id like {DEFAULT_REPO!r}; clear it to use checkpoint")
+        raise ValueError(f"repo_id {repo_id!r:.200} is not a Hugging Face repo id like {DEFAULT_REPO!r:.200}; clear it to use checkpoint")
     target = bridge.download_folder() / repo_id.split("/")[-1]
     if files.is_checkpoint_folder(target):
         return target

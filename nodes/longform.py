@@ -101,7 +101,7 @@ class AceStepLongForm:
                  sample_rate: str, options=None, crossfade: str = "equal_gain", lyric_timing: bool = False):
         cond = wire.check_conditioning(conditioning, "conditioning")
         if str(sample_rate) not in OUTPUT_RATES:
-            raise ValueError(f"sample_rate must be one of {OUTPUT_RATES}, got {sample_rate!r}")
+            raise ValueError(f"sample_rate must be one of {OUTPUT_RATES}, got {sample_rate!r:.200}")
         if not 0 < float(seconds) <= MAX_LONG_SECONDS:
             raise ValueError(f"seconds must be in (0, {MAX_LONG_SECONDS:.0f}], got {seconds}")
         if options is not None and not isinstance(options, tasks.SamplerOptions):

@@ -290,7 +290,7 @@ class AceStepFlowEdit:
         src = wire.check_conditioning(source_conditioning, "source_conditioning")
         tgt = wire.check_conditioning(target_conditioning, "target_conditioning")
         if scheduler not in EDIT_SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {EDIT_SCHEDULERS} for flow edit, got {scheduler!r}")
+            raise ValueError(f"scheduler must be one of {EDIT_SCHEDULERS} for flow edit, got {scheduler!r:.200}")
         edit = tasks.EditOptions(n_min=float(n_min), n_max=float(n_max), n_avg=int(n_avg))
         options = tasks.SamplerOptions(steps=int(steps), scheduler=scheduler,
                                        guidance=GuidanceConfig(guidance_scale=float(guidance_scale)))

@@ -58,7 +58,7 @@ def save_text(prefix: str, suffix: str, text: str) -> Path:
     root = output_folder().resolve()
     target = (root / prefix).resolve()
     if root not in target.parents:
-        raise ValueError(f"filename_prefix {prefix!r} points outside the output folder; use a relative name")
+        raise ValueError(f"filename_prefix {prefix!r:.200} points outside the output folder; use a relative name")
     target.parent.mkdir(parents=True, exist_ok=True)
     pattern = re.compile(re.escape(target.name) + r"_(\d{5})" + re.escape(suffix))
     taken = [int(m.group(1)) for p in target.parent.iterdir() if (m := pattern.fullmatch(p.name))]

@@ -34,6 +34,7 @@ OPTIONS = "ACESTEP_OPTIONS"
 MARK = "acestep"
 TASKS = ("repaint", "extend", "audio2audio")
 MAX_SECONDS = 240.0
+MAX_REGION_SECONDS = 840.0  # validation.MAX_REGION_SECONDS: a 10-minute source and one 240 s extension
 
 
 def seconds_to_frames(seconds: float) -> int:
@@ -64,7 +65,7 @@ def with_samples(latent: dict, samples: torch.Tensor, *, drop: tuple[str, ...] =
 def marked(latent: dict, mark: dict) -> dict:
     """A copy of `latent` carrying a task mark for the sampler."""
     if mark.get("task") not in TASKS:
-        raise ValueError(f"unknown ACE-Step task mark {mark!r}")
+        raise ValueError(f"unknown ACE-Step task mark {mark!r:.200}")
     out = dict(latent)
     out[MARK] = dict(mark)
     out["type"] = "audio"
@@ -77,7 +78,7 @@ def mark_of(latent: dict) -> dict | None:
     if mark is None:
         return None
     if not isinstance(mark, dict) or mark.get("task") not in TASKS:
-        raise ValueError(f"latent carries an unreadable ACE-Step task mark {mark!r}; rebuild it with the ACE-Step nodes")
+        raise ValueError(f"latent carries an unreadable ACE-Step task mark {mark!r:.200}; rebuild it with the ACE-Step nodes")
     return mark
 
 
@@ -129,8 +130,13 @@ def audio_preview(audio: dict) -> dict:
 
 
 def check_seconds(name: str, value: float) -> float:
-    """A finite number of seconds >= 0."""
-    value = float(value)
+    """A finite number of seconds in [0, MAX_REGION_SECONDS] (past 240 s the task nodes explain what to do instead)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r:.80}") from None
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a number of seconds >= 0, got {value}")
+    if value > MAX_REGION_SECONDS:
+        raise ValueError(f"{name} must be at most {MAX_REGION_SECONDS:.0f} seconds, got {value:g}")
     return value
