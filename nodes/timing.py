@@ -55,6 +55,8 @@ def output_folder() -> Path:
 
 def save_text(prefix: str, suffix: str, text: str) -> Path:
     """Write `text` to <output>/<prefix>_NNNNN<suffix> with the next free number; the prefix may hold folders."""
+    if "\x00" in prefix or len(prefix) > 200:
+        raise ValueError(f"filename_prefix must be a file name of at most 200 characters without NUL, got {prefix!r:.80}")
     root = output_folder().resolve()
     target = (root / prefix).resolve()
     if root not in target.parents:
@@ -65,6 +67,14 @@ def save_text(prefix: str, suffix: str, text: str) -> Path:
     path = target.parent / f"{target.name}_{max(taken, default=0) + 1:05d}{suffix}"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def _save_text_named(prefix: str, suffix: str, text: str) -> Path:
+    """save_text, with file-system refusals (a name part too long, not allowed here) named as filename_prefix."""
+    try:
+        return save_text(prefix, suffix, text)
+    except OSError as err:
+        raise ValueError(f"filename_prefix {prefix!r:.80} cannot be used as a file name here: {err.strerror}") from None
 
 
 class AceStepLyricTiming:
@@ -131,5 +141,5 @@ class AceStepLyricTiming:
         result = (lrc, alignment.to_json(), image)
         if not filename_prefix.strip():
             return result
-        path = save_text(filename_prefix.strip(), ".lrc", lrc)
+        path = _save_text_named(filename_prefix.strip(), ".lrc", lrc)
         return {"ui": {"text": [str(path)]}, "result": result}

@@ -34,6 +34,7 @@ OPTIONS = "ACESTEP_OPTIONS"
 MARK = "acestep"
 TASKS = ("repaint", "extend", "audio2audio")
 MAX_SECONDS = 240.0
+MAX_SAMPLE_RATE = 768_000  # the highest rate audio files use
 MAX_REGION_SECONDS = 840.0  # validation.MAX_REGION_SECONDS: a 10-minute source and one 240 s extension
 
 
@@ -108,10 +109,16 @@ def check_audio(audio: Any, name: str = "audio") -> tuple[torch.Tensor, int]:
     if not isinstance(waveform, torch.Tensor) or waveform.ndim != 3 or waveform.shape[-1] == 0:
         shape = tuple(waveform.shape) if isinstance(waveform, torch.Tensor) else type(waveform).__name__
         raise ValueError(f"{name} waveform must be a non-empty tensor [batch, channels, samples], got {shape}")
-    check_source_duration(waveform.shape[-1], int(audio["sample_rate"]), name)
+    rate = audio["sample_rate"]
+    if isinstance(rate, bool) or not isinstance(rate, int) or not 1 <= rate <= MAX_SAMPLE_RATE:
+        raise ValueError(f"{name} sample_rate must be a positive integer sample rate in Hz (at most {MAX_SAMPLE_RATE}), "
+                         f"got {rate!r:.80}")
+    if waveform.shape[1] == 0 or waveform.shape[0] == 0:
+        raise ValueError(f"{name} waveform has no channels or no items: {tuple(waveform.shape)}")
+    check_source_duration(waveform.shape[-1], rate, name)
     if not torch.isfinite(waveform).all():
         raise ValueError(f"{name} contains NaN or infinite samples; clean or re-export the file")
-    return waveform, int(audio["sample_rate"])
+    return waveform, rate
 
 
 def audio_preview(audio: dict) -> dict:

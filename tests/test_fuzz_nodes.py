@@ -41,6 +41,7 @@ CALL_SECONDS = 60  # a call that takes longer is a hang
 # the bench covers their cost, and the value one past the limit is still fuzzed here.
 COSTLY_MAXIMA = {"steps", ("AceStepLongForm", "seconds"), ("AceStepFlowEdit", "n_avg")}
 ANY_CHARACTER = st.characters(blacklist_categories=())  # every code point, surrogates included
+MAX_EXAMPLES = {"AceStepLongForm": 12}  # each working long-form example samples and decodes several windows
 
 
 def run(name: str, **inputs):
@@ -93,7 +94,7 @@ def valid(handle) -> dict[str, dict]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ACESTEP_LYRIC_VOCAB", str(VOCAB))
         cond = run("AceStepTextEncode", model=handle, tags="rock", lyrics="[verse]\nhello")[0]
-    latent = run("AceStepEmptyLatent", seconds=0.5, batch_size=1)[0]
+    latent = {"samples": torch.zeros(1, 8, 16, 5), "type": "audio"}  # 0.46 s: shorter than the Empty Latent makes
     sampler = dict(model=handle, conditioning=cond, latent=latent, seed=1, steps=2, scheduler="euler",
                    cfg_type="apg", guidance_scale=15.0, omega_scale=10.0)
     timed = run("AceStepSampler", **sampler, collect_lyric_timing=True)[0]
@@ -103,7 +104,7 @@ def valid(handle) -> dict[str, dict]:
         "AceStepLoader": dict(checkpoint="ace_step/acestep-v1-tiny", dtype="fp32", device="cpu", repo_id=""),
         "AceStepLoraLoader": dict(model=handle, lora_name="acestep-v1-tiny-lora", strength=0.5, honour_alpha=False),
         "AceStepTextEncode": dict(model=handle, tags="rock", lyrics="[verse]\nhello"),
-        "AceStepEmptyLatent": dict(seconds=0.5, batch_size=1),
+        "AceStepEmptyLatent": dict(seconds=1.0, batch_size=1),
         "AceStepSampler": sampler,
         "AceStepSamplerOptions": defaults["AceStepSamplerOptions"],
         "AceStepRepaintRegion": dict(latent=latent, start_seconds=0.1, end_seconds=0.3, variance=0.5),
@@ -181,7 +182,7 @@ def audio_values() -> st.SearchStrategy:
 def input_values(node: str, name: str, spec: tuple) -> st.SearchStrategy | None:
     kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
     if isinstance(kind, list):
-        return st.one_of(st.sampled_from(kind), text_values())
+        return st.one_of(st.sampled_from(kind), text_values()) if kind else text_values()
     if kind == "STRING":
         return text_values()
     if kind == "INT":
@@ -238,15 +239,8 @@ def finite(value) -> bool:
     return True
 
 
-# How a message may name an input besides its own name (the socket an AUDIO or LATENT arrives on names it).
-ALIASES = {
-    "sample_rate": ("sample_rate",),
-    "filename_prefix": ("filename_prefix",),
-}
-
-
 def names_the_input(message: str, name: str) -> bool:
-    return any(alias in message for alias in ALIASES.get(name, (name,)))
+    return name in message
 
 
 def check_one(node: str, base: dict, name: str, value) -> None:
@@ -257,7 +251,9 @@ def check_one(node: str, base: dict, name: str, value) -> None:
             result = run(node, **inputs)
     except NAMED_ERRORS as err:
         message = str(err)
-        assert names_the_input(message, name), f"{node}.{name}={value!r:.80}: the message does not name it: {message}"
+        offline = isinstance(err, errors.ModelDownloadError)  # a valid download request, answered offline
+        assert offline or names_the_input(message, name), \
+            f"{node}.{name}={value!r:.80}: the message does not name it: {message}"
         assert "Traceback" not in message and len(message) < 4000
     except Hang:
         pytest.fail(f"{node}.{name}={value!r:.80} ran past {CALL_SECONDS} s")
@@ -275,7 +271,7 @@ def test_every_input_of_every_node_refuses_or_works(node, handle, valid):
     before = snapshot(model)
     strategies = fuzzed_inputs(node)
     assert strategies, f"{node} has no input to fuzz"
-    examples = min(40, 4 * len(strategies) + 6)
+    examples = min(MAX_EXAMPLES.get(node, 40), 4 * len(strategies) + 6)
 
     @settings(max_examples=examples, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
