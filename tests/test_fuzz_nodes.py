@@ -14,7 +14,6 @@ import importlib
 import math
 import signal
 import sys
-import types
 import warnings
 from contextlib import contextmanager
 from pathlib import Path

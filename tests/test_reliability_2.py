@@ -8,7 +8,6 @@ the command line answers each bad input at once, with exit code 2, one line and 
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import random
 import re
