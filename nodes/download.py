@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..acestep_core.errors import ModelDownloadError
 from ..acestep_core.loading import ALL_COMPONENTS, DEFAULT_REPO, LAYOUTS, _is_network_error
 from . import bridge, files
-from .loaders import REPO_ID
+from .loaders import is_repo_id
 from .wire import CATEGORY
 
 LORA_REPO = "ACE-Step/ACE-Step-v1-chinese-rap-LoRA"
@@ -186,7 +186,7 @@ class AceStepDownload:
 
     def download(self, repo_id: str, target: str):
         repo_id = (repo_id or "").strip()
-        if not REPO_ID.match(repo_id):
+        if not is_repo_id(repo_id):
             raise ValueError(f"repo_id {repo_id!r:.200} is not a Hugging Face repo id like {DEFAULT_REPO!r:.200}")
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r:.200}")

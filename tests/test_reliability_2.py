@@ -250,6 +250,18 @@ def test_repo_ids_that_cannot_exist_are_refused_without_a_download(monkeypatch, 
         loading.load_acestep(repo_id, models_dir="/nonexistent-models")
 
 
+@pytest.mark.parametrize("repo_id", ["ACE-Step/a..b", "ACE-Step/-x", "a" * 200 + "/b", "ACE-Step/x--y"])
+def test_the_loader_and_download_nodes_refuse_impossible_repo_ids_without_a_download(monkeypatch, repo_id):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("asked the network"))
+    with pytest.raises(ValueError, match="is not a Hugging Face repo id"):
+        run("AceStepLoader", checkpoint="ace_step/acestep-v1-tiny", dtype="fp32", device="cpu", repo_id=repo_id)
+    target = NODES["AceStepDownload"].INPUT_TYPES()["required"]["target"][0][0]
+    with pytest.raises(ValueError, match="is not a Hugging Face repo id"):
+        run("AceStepDownload", repo_id=repo_id, target=target)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # LoRAs
 
