@@ -12,11 +12,6 @@ from .wire import CATEGORY, MODEL
 OUTPUT_RATES = ("44100", "48000")
 
 
-def _cancel_check():
-    """ComfyUI's cancel check to run inside the codec's model calls; None outside ComfyUI (nothing to check)."""
-    return bridge.check_interrupt if bridge.comfy_module("comfy.model_management") is not None else None
-
-
 class AceStepEncode:
     DESCRIPTION = (
         "Encodes audio (any sample rate, mono or stereo) into an ACE-Step latent, as the official app: resampled "
@@ -41,7 +36,7 @@ class AceStepEncode:
         waveform, rate = wire.check_audio(audio, "audio")
         loaded = model_for(model)
         progress = bridge.Progress(waveform.shape[0])
-        with checked_calls(_cancel_check(), loaded.dcae, loaded.vocoder):  # cancel within a layer
+        with checked_calls(wire.cancel_check(), loaded.dcae, loaded.vocoder):  # cancel within a layer
             latents = codec.encode_audio(loaded.dcae, loaded.vocoder.mel_transform, waveform, rate,
                                          callback=progress.chunk_callback())
         return ({"samples": latents.to("cpu", torch.float32), "type": "audio"},)
@@ -77,7 +72,7 @@ class AceStepDecode:
         samples = wire.samples_of(latent, "latent")
         loaded = model_for(model)
         progress = bridge.Progress(samples.shape[0] * 3)
-        with checked_calls(_cancel_check(), loaded.dcae, loaded.vocoder):  # cancel within a layer
+        with checked_calls(wire.cancel_check(), loaded.dcae, loaded.vocoder):  # cancel within a layer
             waveform = codec.decode_latents(loaded.dcae, loaded.vocoder, samples, sample_rate=int(sample_rate),
                                             callback=progress.chunk_callback())
         waveform = waveform.to("cpu", torch.float32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..acestep_core import longform, tasks
+from ..acestep_core.cancel import checked_calls
 from ..acestep_core.lyric_timing import to_lrc
 from ..acestep_core.noise import MAX_SEED, SeededNoise
 from ..acestep_core.sampling.denoiser import CFG_TYPES, GuidanceConfig
@@ -115,11 +116,13 @@ class AceStepLongForm:
         p = next(transformer.parameters())
         noise = SeededNoise([int(seed)], [(int(seed) + 1) % (MAX_SEED + 1)], p.device, p.dtype)
         progress = bridge.Progress(int(steps))
-        song = longform.generate_long(
-            loaded, cond, float(seconds), noise=noise, window_seconds=float(window_seconds),
-            overlap_seconds=float(overlap_seconds), options=settings, sample_rate=int(sample_rate),
-            crossfade=crossfade, timing=bool(lyric_timing), callback=progress.update,
-        )
+        cancel = None if settings.compile else wire.cancel_check()  # before every layer; compiled blocks excepted
+        with checked_calls(cancel, loaded.transformer, loaded.dcae, loaded.vocoder):
+            song = longform.generate_long(
+                loaded, cond, float(seconds), noise=noise, window_seconds=float(window_seconds),
+                overlap_seconds=float(overlap_seconds), options=settings, sample_rate=int(sample_rate),
+                crossfade=crossfade, timing=bool(lyric_timing), callback=progress.update,
+            )
         plan = "\n\n".join(
             f"# window {i + 1}: {wire.frames_to_seconds(w.start):.1f}-{wire.frames_to_seconds(w.end):.1f} s\n"
             + (text if text.strip() else "(instrumental)")

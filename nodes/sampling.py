@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..acestep_core import tasks
+from ..acestep_core.cancel import checked_calls
 from ..acestep_core.noise import MAX_SEED, SeededNoise
 from ..acestep_core.sampling.denoiser import CFG_TYPES, GuidanceConfig
 from ..acestep_core.validation import MemorySettings, call_explaining_oom
@@ -124,7 +125,8 @@ class AceStepSampler:
         progress = bridge.Progress(steps)
         frames = source.shape[-1] + int(mark.get("left_frames", 0)) + int(mark.get("right_frames", 0))
         memory = _memory_settings("sampling", transformer, frames, source.shape[0], settings.batch_branches)
-        with torch.no_grad():
+        cancel = None if settings.compile else wire.cancel_check()  # compiled blocks run without hooks
+        with torch.no_grad(), checked_calls(cancel, transformer):  # Cancel checked before every layer of a step
             out, collected = timing.sample_collecting(collect_lyric_timing, transformer, cond, lambda: call_explaining_oom(
                 lambda: RUNNERS[task](transformer, cond, source, mark, batch_size=source.shape[0], options=settings,
                                       noise=noise, callback=progress.step_callback()),
@@ -298,7 +300,7 @@ class AceStepFlowEdit:
         noise = _noise(transformer, latent, source.shape[0], seed, seed)
         progress = bridge.Progress(steps)
         memory = _memory_settings("editing", transformer, source.shape[-1], source.shape[0], options.batch_branches)
-        with torch.no_grad():
+        with torch.no_grad(), checked_calls(wire.cancel_check(), transformer):  # Cancel checked before every layer
             out, collected = timing.sample_collecting(collect_lyric_timing, transformer, tgt, lambda: call_explaining_oom(
                 lambda: tasks.flow_edit(transformer, src, tgt, source, edit=edit, batch_size=source.shape[0],
                                         options=options, noise=noise, callback=progress.step_callback()),

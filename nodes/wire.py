@@ -136,6 +136,12 @@ def audio_preview(audio: dict) -> dict:
     return {"filename": name, "subfolder": "", "type": kind}
 
 
+def cancel_check():
+    """ComfyUI's cancel check, to run before every layer of a long model call (acestep_core.cancel.checked_calls);
+    None outside ComfyUI, where there is nothing to check."""
+    return bridge.check_interrupt if bridge.comfy_module("comfy.model_management") is not None else None
+
+
 def check_seconds(name: str, value: float) -> float:
     """A finite number of seconds in [0, MAX_REGION_SECONDS] (past 240 s the task nodes explain what to do instead)."""
     try:

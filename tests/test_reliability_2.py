@@ -497,6 +497,32 @@ def test_cancel_is_checked_before_every_layer_of_the_decoder_and_vocoder(handle,
     assert torch.equal(again["waveform"], reference["waveform"]), "a cancelled decode changed the next one"
 
 
+def test_cancel_is_checked_before_every_layer_of_a_sampling_step(handle, cond, comfy, monkeypatch, untouched):
+    """One step of the 3.5B model on a long song is seconds of CPU work: Cancel is checked inside the step too."""
+    model = model_mod.model_for(handle)
+    events: list[str] = []
+    mm = sys.modules["comfy.model_management"]
+    check = mm.throw_exception_if_processing_interrupted
+    monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", lambda: events.append("CHECK") or check())
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=n: events.append(name))
+             for n, m in model.transformer.named_modules()]
+    inputs = dict(model=handle, conditioning=cond, latent=empty(1.0), seed=1, **FAST)
+    try:
+        (reference,) = run("AceStepSampler", **inputs)
+        calls = [e for e in events if e != "CHECK"]
+        assert events.count("CHECK") >= len(calls) > 50, "fewer cancel checks than layer calls"
+        stop_at = events.count("CHECK") // 4  # inside the first step
+        events.clear()
+        comfy.interrupt_at = comfy.checks + stop_at
+        with pytest.raises(Interrupted):
+            run("AceStepSampler", **inputs)
+        assert events[-1] == "CHECK" and events.count("CHECK") == stop_at, "a layer ran after the cancel"
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert torch.equal(run("AceStepSampler", **inputs)[0]["samples"], reference["samples"])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # cosmetic
 
