@@ -296,7 +296,7 @@ def test_a_lora_whose_scale_overflows_the_weights_is_refused_and_nothing_is_appl
 
 
 def test_counts_past_their_limits_are_refused_naming_the_input(handle, cond, untouched):
-    latent = empty(0.5)
+    latent = empty(1.0)
     sampler = dict(model=handle, conditioning=cond, seed=1, **FAST)
     cases = [
         (lambda: run("AceStepSampler", **{**sampler, "latent": latent, "steps": 10**9}),
