@@ -124,6 +124,24 @@ def check_source_duration(num_samples: int, sample_rate: int, name: str = "audio
     return seconds
 
 
+MAX_SAMPLE_MAGNITUDE = 1000.0
+"""Largest |sample| accepted: audio lives in [-1, 1]; far past it the encoder's log-mel overflows to NaN."""
+
+
+def check_sample_values(waveform: Tensor, name: str = "audio") -> None:
+    """Refuse NaN, infinite and absurdly loud samples (one aminmax pass), naming `name`."""
+    if waveform.numel() == 0 or not waveform.is_floating_point():
+        return
+    low, high = (float(v) for v in torch.aminmax(waveform.detach()))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"{name} contains NaN or infinite samples; clean or re-export the file")
+    if max(-low, high) > MAX_SAMPLE_MAGNITUDE:
+        raise ValueError(
+            f"{name} samples reach {max(-low, high):g}; audio is expected within [-1, 1]: lower its volume or "
+            "re-export the file"
+        )
+
+
 def prepare_audio(waveform: Tensor, sample_rate: int) -> Tensor:
     """Float audio [B, C, L] or [C, L] at any rate → stereo [B, 2, L'] at 44.1 kHz, design §1.
 
@@ -140,8 +158,7 @@ def prepare_audio(waveform: Tensor, sample_rate: int) -> Tensor:
         raise ValueError(f"audio is empty (shape {tuple(waveform.shape)}); load a file with at least one sample")
     sample_rate = _check_rate("sample_rate", sample_rate)
     check_source_duration(waveform.shape[-1], sample_rate)
-    if not torch.isfinite(waveform).all():
-        raise ValueError("audio contains NaN or infinite samples; clean or re-export the file")
+    check_sample_values(waveform)
     audio = waveform if waveform.ndim == 3 else waveform.unsqueeze(0)                   # [B, C, L]
     channels = audio.shape[1]
     if channels == 1:

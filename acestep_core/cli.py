@@ -21,7 +21,7 @@ OUT_SUFFIXES = (".wav", ".flac", ".ogg")
 
 
 def _text(value: str | None, name: str = "text") -> str:
-    """A literal string, or the contents of a file given as @path (read up to just past the longest text accepted)."""
+    """A literal string, or the contents of a file given as @path (a file far past the longest text is not read)."""
     from .validation import MAX_LYRICS_CHARS
 
     if value and value.startswith("@"):

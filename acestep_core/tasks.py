@@ -196,6 +196,9 @@ def _model_dtype(transformer) -> tuple[torch.device, torch.dtype]:
     return p.device, p.dtype
 
 
+MAX_LATENT_MAGNITUDE = 1e6  # real latents stay within a few units; far past this the model overflows to NaN
+
+
 def check_latent(latent: Tensor, name: str = "latent") -> Tensor:
     """An ACE latent must be [B, 8, 16, T] with finite values."""
     if not isinstance(latent, Tensor) or latent.ndim != 4 or latent.shape[1:3] != (LATENT_CHANNELS, LATENT_HEIGHT):
@@ -208,8 +211,12 @@ def check_latent(latent: Tensor, name: str = "latent") -> Tensor:
         raise ValueError(f"{name} has no frames; give a duration of at least 0.1 s")
     if not 1 <= latent.shape[0] <= MAX_BATCH:
         raise ValueError(f"{name} has a batch of {latent.shape[0]}; ACE-Step takes 1 to {MAX_BATCH} items at once")
-    if not bool(torch.isfinite(latent).all()):
+    low, high = (float(v) for v in torch.aminmax(latent.detach()))  # one pass: NaN, infinities and magnitude
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError(f"{name} contains NaN or infinite values")
+    if max(-low, high) > MAX_LATENT_MAGNITUDE:
+        raise ValueError(f"{name} values reach {max(-low, high):g}; ACE-Step latents stay within a few units: make "
+                         "the latent with the ACE-Step nodes")
     return latent
 
 

@@ -134,6 +134,9 @@ class AceStepLyricTiming:
                 f"the lyric timing covers {attention.frames} latent frames but the latent has {frames}; use the "
                 "latent straight from the sampler that collected it"
             )
+        if not 0 <= int(batch_index) < attention.weights.shape[0]:
+            raise ValueError(f"batch_index must be in [0, {attention.weights.shape[0]}) (the latent's batch), "
+                             f"got {batch_index}")
         alignment = align_lyrics(attention, model_for(model).lyric_tokenizer, item=int(batch_index),
                                  threshold=float(threshold))
         lrc = to_lrc(alignment.lines, alignment.duration, keep_unsung=bool(keep_unsung))

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..acestep_core.audio import LATENT_RATE, check_source_duration
+from ..acestep_core.audio import LATENT_RATE, check_sample_values, check_source_duration
 from ..acestep_core.conditioning import Conditioning
 from ..acestep_core.noise import MAX_SEED
 from ..acestep_core.tasks import check_latent
@@ -116,8 +116,7 @@ def check_audio(audio: Any, name: str = "audio") -> tuple[torch.Tensor, int]:
     if waveform.shape[1] == 0 or waveform.shape[0] == 0:
         raise ValueError(f"{name} waveform has no channels or no items: {tuple(waveform.shape)}")
     check_source_duration(waveform.shape[-1], rate, name)
-    if not torch.isfinite(waveform).all():
-        raise ValueError(f"{name} contains NaN or infinite samples; clean or re-export the file")
+    check_sample_values(waveform, name)
     return waveform, rate
 
 
