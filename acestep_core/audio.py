@@ -92,12 +92,32 @@ def check_source_duration(num_samples: int, sample_rate: int, name: str = "audio
     """Seconds of `num_samples` at `sample_rate`; a ValueError saying how to trim it past MAX_SOURCE_SECONDS."""
     seconds = num_samples / _check_rate("sample_rate", sample_rate)
     if seconds > MAX_SOURCE_SECONDS:
+        minutes = f"{seconds / 60:.1f}"
+        length = f"{minutes} minutes" if float(minutes) > MAX_SOURCE_SECONDS / 60 else f"{seconds:.1f} seconds"
         raise ValueError(
-            f"{name} is {seconds / 60:.1f} minutes long; ACE-Step encodes at most {MAX_SOURCE_SECONDS / 60:.0f} "
+            f"{name} is {length} long; ACE-Step encodes at most {MAX_SOURCE_SECONDS / 60:.0f} "
             "minutes, since it generates in 240 s windows: trim it to the part you edit (for extend, the last "
             "4 minutes are enough) and join the result back afterwards"
         )
     return seconds
+
+
+MAX_SAMPLE_MAGNITUDE = 1000.0
+"""Largest |sample| accepted: audio lives in [-1, 1]; far past it the encoder's log-mel overflows to NaN."""
+
+
+def check_sample_values(waveform: Tensor, name: str = "audio") -> None:
+    """Refuse NaN, infinite and absurdly loud samples (one aminmax pass), naming `name`."""
+    if waveform.numel() == 0 or not waveform.is_floating_point():
+        return
+    low, high = (float(v) for v in torch.aminmax(waveform.detach()))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"{name} contains NaN or infinite samples; clean or re-export the file")
+    if max(-low, high) > MAX_SAMPLE_MAGNITUDE:
+        raise ValueError(
+            f"{name} samples reach {max(-low, high):g}; audio is expected within [-1, 1]: lower its volume or "
+            "re-export the file"
+        )
 
 
 def prepare_audio(waveform: Tensor, sample_rate: int) -> Tensor:
@@ -116,8 +136,7 @@ def prepare_audio(waveform: Tensor, sample_rate: int) -> Tensor:
         raise ValueError(f"audio is empty (shape {tuple(waveform.shape)}); load a file with at least one sample")
     sample_rate = _check_rate("sample_rate", sample_rate)
     check_source_duration(waveform.shape[-1], sample_rate)
-    if not torch.isfinite(waveform).all():
-        raise ValueError("audio contains NaN or infinite samples; clean or re-export the file")
+    check_sample_values(waveform)
     audio = waveform if waveform.ndim == 3 else waveform.unsqueeze(0)                   # [B, C, L]
     channels = audio.shape[1]
     if channels == 1:

@@ -6,6 +6,7 @@ runs one task with the official app's defaults and writes the audio with soundfi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,11 +20,36 @@ from .sampling.samplers import SCHEDULERS
 DTYPES = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def _text(value: str | None) -> str:
-    """A literal string, or the contents of a file given as @path."""
+OUT_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg")  # the app's formats (params.AUDIO_FORMATS)
+
+
+def _text(value: str | None, name: str = "text") -> str:
+    """A literal string, or the contents of a file given as @path (a file far past the longest text is not read)."""
+    from .validation import MAX_LYRICS_CHARS
+
     if value and value.startswith("@"):
-        return Path(value[1:]).read_text(encoding="utf-8")
+        try:
+            size = os.stat(value[1:]).st_size
+            if size > 4 * MAX_LYRICS_CHARS:  # more than the longest text accepted, even at 4 bytes a character
+                raise ValueError(f"{name} file {value[1:]!r} is {size} bytes long; at most {MAX_LYRICS_CHARS} "
+                                 "characters are accepted")
+            with open(value[1:], encoding="utf-8") as handle:
+                return handle.read()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{name} file {value[1:]!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        except OSError as err:
+            raise ValueError(f"{name} file {value[1:]!r} cannot be read: {err.strerror or err}") from None
     return value or ""
+
+
+def _check_out(value: str) -> Path:
+    """The output path, checked before any work: a known audio suffix and not a folder."""
+    out = Path(value)
+    if out.suffix.lower() not in OUT_SUFFIXES:
+        raise ValueError(f"--out {value!r}: the file name must end in {', '.join(OUT_SUFFIXES)} (the audio format)")
+    if out.is_dir():
+        raise ValueError(f"--out {value!r} is a folder; give a file name such as {str(out / 'song.wav')!r}")
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,7 +177,10 @@ def _read_audio(path: str | None):
     import soundfile as sf
     import torch
 
-    data, rate = sf.read(path, dtype="float32", always_2d=True)  # [L, C]
+    try:
+        data, rate = sf.read(path, dtype="float32", always_2d=True)  # [L, C]
+    except (sf.LibsndfileError, RuntimeError, TypeError) as err:
+        raise ValueError(f"audio file {path!r} cannot be read as audio ({err}); give a .wav or .flac file") from None
     return torch.from_numpy(data.T.copy()), int(rate)
 
 
@@ -180,12 +209,31 @@ def _progress(total_hint: str):
 
 
 def generate_command(args: argparse.Namespace) -> int:
+    from .conditioning import _check_text
     from .loading import load_acestep
     from .lora import ensure_loras, load_lora_file
     from .pipeline import Request
+    from .sampling.schedules import parse_oss_steps
+    from .validation import MAX_BATCH, MAX_N_AVG, MAX_STEPS, check_count
 
+    # every input is checked before the model is loaded, so a bad one is answered at once and nothing is written
+    out = _check_out(args.out)
+    check_count("--steps", args.steps, MAX_STEPS)
+    check_count("--batch-size", args.batch_size, MAX_BATCH)
+    check_count("--edit-n-avg", args.edit_n_avg, MAX_N_AVG)
+    oss_steps = tuple(parse_oss_steps(args.oss_steps))
     device_name, dtype_name, levers = speed_settings(args)
-    setup = cli_app.prepare(args)
+    src, src_rate = _read_audio(args.src_audio)
+    ref, ref_rate = _read_audio(args.ref_audio)
+    setup = cli_app.prepare(args)  # the app's defaults and fallbacks (seed lists may set the batch size)
+    check_count("--batch-size", args.batch_size, MAX_BATCH)
+    tags, lyrics = _check_text("tags", setup.tags), _check_text("lyrics", setup.lyrics)
+    edit_tags, edit_lyrics = _check_text("tags", setup.edit_tags), _check_text("lyrics", setup.edit_lyrics)
+    loras = []
+    for spec in args.lora:
+        path, _, strength = spec.rpartition(":") if spec.rpartition(":")[2].replace(".", "", 1).lstrip("-").isdigit() \
+            else (spec, "", "1")
+        loras.append((load_lora_file(cli_app.lora_path(path, args.models_dir)), float(strength)))
     device, dtype = _device_and_dtype(device_name, dtype_name)
     t0 = time.perf_counter()
     # --cpu-offload: the weights are read straight into CPU memory (never all on the GPU at once); the model
@@ -193,15 +241,8 @@ def generate_command(args: argparse.Namespace) -> int:
     model = load_acestep(args.checkpoint, dtype=dtype, device="cpu" if levers.cpu_offload else device,
                          models_dir=args.models_dir, lyric_vocab=args.lyric_vocab)
     model.device = device
-    loras = []
-    for spec in args.lora:
-        path, _, strength = spec.rpartition(":") if spec.rpartition(":")[2].replace(".", "", 1).lstrip("-").isdigit() \
-            else (spec, "", "1")
-        loras.append((load_lora_file(cli_app.lora_path(path, args.models_dir)), float(strength)))
     ensure_loras(model.transformer, loras)
     print(f"loaded {model.source} ({model.layout}, {dtype}, {device}) in {time.perf_counter() - t0:.1f} s")
-    src, src_rate = _read_audio(args.src_audio)
-    ref, ref_rate = _read_audio(args.ref_audio)
     seeds, retake = setup.seeds, setup.retake_seeds
     guidance = GuidanceConfig(
         guidance_scale=args.guidance_scale, cfg_type=args.cfg_type, guidance_interval=args.guidance_interval,
@@ -211,13 +252,13 @@ def generate_command(args: argparse.Namespace) -> int:
         use_erg_diffusion=not args.no_erg_diffusion, omega_scale=args.omega_scale,
     )
     request = Request(
-        task=args.task, prompt=setup.tags, lyrics=setup.lyrics, audio_duration=setup.duration,
+        task=args.task, prompt=tags, lyrics=lyrics, audio_duration=setup.duration,
         infer_step=args.steps, scheduler_type=args.scheduler, guidance=guidance,
-        oss_steps=tuple(int(s) for s in args.oss_steps.split(",") if s.strip()), batch_size=args.batch_size,
+        oss_steps=oss_steps, batch_size=args.batch_size,
         manual_seeds=seeds, retake_seeds=retake, retake_variance=setup.variance, repaint_start=args.repaint_start,
         repaint_end=args.repaint_end if args.task != "retake" else setup.duration, src_audio=src,
         src_sample_rate=src_rate, ref_audio=ref, ref_sample_rate=ref_rate, ref_audio_strength=args.ref_strength,
-        edit_target_prompt=setup.edit_tags, edit_target_lyrics=setup.edit_lyrics,
+        edit_target_prompt=edit_tags, edit_target_lyrics=edit_lyrics,
         edit_n_min=setup.edit_n_min, edit_n_max=setup.edit_n_max, edit_n_avg=args.edit_n_avg,
         sample_rate=args.sample_rate,
     )
@@ -230,6 +271,7 @@ def generate_command(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     elapsed = time.perf_counter() - t1
+    out.parent.mkdir(parents=True, exist_ok=True)
     seconds = result.waveform.shape[-1] / result.sample_rate
     for path in cli_app.write_outputs(args, setup, request, result.waveform, result.sample_rate,
                                       {"preprocess": 0.0, "diffusion": elapsed, "latent2audio": 0.0}):
@@ -247,8 +289,23 @@ def main(argv: list[str] | None = None) -> int:
         args = cli_app.parse(parser, argv)
         return generate_command(args)
     except (ValueError, FileNotFoundError, ImportError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        _print_error(f"error: {error}")
         return 2
+    except KeyboardInterrupt:
+        _print_error("interrupted")
+        return 130
+    except Exception as error:  # a bug, not a bad input: one line, with the type, to report
+        if os.environ.get("ACESTEP_TRACEBACK"):
+            raise
+        _print_error(f"internal error ({type(error).__name__}: {error}); please report it "
+                     "(set ACESTEP_TRACEBACK=1 to see where)")
+        return 1
+
+
+def _print_error(text: str) -> None:
+    """One line on stderr, whatever the text holds (lone surrogates included)."""
+    line = " ".join(text.split("\n"))[:2000]
+    print(line.encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

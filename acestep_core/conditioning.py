@@ -6,6 +6,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .validation import MAX_LYRICS_CHARS, MAX_TAGS_CHARS, check_text
+
 ERG_TAU = 0.01
 MAX_LYRIC_TOKENS = 4096
 """Longest lyric id sequence given to the model: the official training truncation (design §5.2 step 7, §11)."""
@@ -47,11 +49,8 @@ class Conditioning:
 
 
 def _check_text(name: str, value: object) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise ValueError(f"{name} must be text, got {type(value).__name__}")
-    return value
+    """Text of bounded length and valid Unicode (validation.check_text); None is ""."""
+    return check_text(name, value, MAX_LYRICS_CHARS if name == "lyrics" else MAX_TAGS_CHARS)
 
 
 def truncate_lyric_ids(tokenizer, lyrics: str, ids: list[int], limit: int = MAX_LYRIC_TOKENS) -> list[int]:
@@ -66,7 +65,9 @@ def truncate_lyric_ids(tokenizer, lyrics: str, ids: list[int], limit: int = MAX_
     lines = lyrics.split("\n")
     for number, line in enumerate(lines, start=1):
         stripped = line.strip()
-        used += len(tokenizer.encode(stripped)) - 1 if stripped else 1  # the line's ids and its [SPACE]
+        with warnings.catch_warnings():  # a long line was already reported by the full encode
+            warnings.simplefilter("ignore")
+            used += len(tokenizer.encode(stripped)) - 1 if stripped else 1  # the line's ids and its [SPACE]
         if used > limit:
             break
     warnings.warn(

@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor
 
+from .validation import MAX_BATCH
+
 SAMPLE_RATE = 44100
 """Rate of the DCAE mel front end and of the vocoder output (design §1)."""
 HOP = 512
@@ -76,6 +78,9 @@ def frames_covering(seconds: float) -> int:
     return max(1, latent_frames_for_samples(round(seconds * SAMPLE_RATE)))
 
 
+MAX_LATENT_MAGNITUDE = 1e6  # real latents stay within a few units; far past this the model overflows to NaN
+
+
 def check_latent(latent: Tensor, name: str = "latent") -> Tensor:
     """An ACE latent must be [B, 8, 16, T] with finite values."""
     if not isinstance(latent, Tensor) or latent.ndim != 4 or latent.shape[1:3] != (LATENT_CHANNELS, LATENT_HEIGHT):
@@ -86,6 +91,12 @@ def check_latent(latent: Tensor, name: str = "latent") -> Tensor:
         )
     if latent.shape[-1] < 1:
         raise ValueError(f"{name} has no frames; give a duration of at least 0.1 s")
-    if not bool(torch.isfinite(latent).all()):
+    if not 1 <= latent.shape[0] <= MAX_BATCH:
+        raise ValueError(f"{name} has a batch of {latent.shape[0]}; ACE-Step takes 1 to {MAX_BATCH} items at once")
+    low, high = (float(v) for v in torch.aminmax(latent.detach()))  # one pass: NaN, infinities and magnitude
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError(f"{name} contains NaN or infinite values")
+    if max(-low, high) > MAX_LATENT_MAGNITUDE:
+        raise ValueError(f"{name} values reach {max(-low, high):g}; ACE-Step latents stay within a few units: make "
+                         "the latent with the ACE-Step nodes")
     return latent

@@ -20,6 +20,7 @@ from .errors import CheckpointError, ModelDownloadError  # noqa: F401  (ModelDow
 from .models.dcae import DCAE, DCAEConfig
 from .models.transformer import AceStepTransformer, TransformerConfig
 from .models.vocoder import MEL_BUFFERS, Vocoder, VocoderConfig, vocoder_key_map
+from .validation import check_tensor_values
 
 if TYPE_CHECKING:  # text.py pulls in transformers, lyrics the language detector: imported when first needed
     from .lyrics import LyricTokenizer
@@ -179,10 +180,21 @@ def resolve_checkpoint(
     path_or_repo: str | os.PathLike, *, models_dir: str | os.PathLike | None, components: Sequence[str]
 ) -> Path:
     """A local path for a folder, a file or a repo id (downloaded when not on disk) (design §10.1)."""
-    path = Path(path_or_repo).expanduser()
-    if path.exists():
-        return path
     text = str(path_or_repo)
+    if "\x00" in text:
+        raise CheckpointError(f"checkpoint {text[:80]!r}: a path cannot contain a NUL character")
+    path = Path(path_or_repo).expanduser()
+    try:
+        if path.exists():
+            return path
+    except OSError as exc:  # a name too long for the file system, and the like
+        raise CheckpointError(f"checkpoint {text[:80]!r}{'...' if len(text) > 80 else ''} cannot be a path: {exc.strerror}") from None
+    if _REPO_ID.match(text) and not _valid_repo_id(text):
+        raise CheckpointError(
+            f"checkpoint {text[:80]!r}{'...' if len(text) > 80 else ''} is neither a local path nor a valid Hugging Face "
+            "repo id (owner/name: at most 96 characters each of letters, digits, '-', '_', '.', not starting or ending "
+            "with '-' or '.', without '..' or '--')"
+        )
     if not _REPO_ID.match(text):
         raise CheckpointError(
             f"checkpoint {text!r} not found: expected a folder with "
@@ -193,6 +205,14 @@ def resolve_checkpoint(
     if target is not None and all((target / LAYOUTS[c].folder).is_dir() for c in components):
         return target
     return download_repo(text, target, components)
+
+
+def _valid_repo_id(text: str) -> bool:
+    """Hugging Face's rules for owner and repo names (the hub refuses anything else)."""
+    return all(
+        0 < len(part) <= 96 and ".." not in part and "--" not in part and part[0] not in "-." and part[-1] not in "-."
+        for part in text.split("/")
+    )
 
 
 def download_repo(repo_id: str, target: Path | None, components: Sequence[str]) -> Path:
@@ -270,10 +290,23 @@ def folder_sources(root: Path, components: Sequence[str]) -> dict[str, TensorSou
         file = _component_file(folder, layout.weights)
         shapes = _file_shapes(file)
         config_file = folder / "config.json"
-        config = json.loads(config_file.read_text()) if config_file.is_file() else None
+        config = _read_config(config_file) if config_file.is_file() else None
         keys = map_component_keys(name, list(shapes))
         sources[name] = TensorSource(file, keys, {k: shapes[v] for k, v in keys.items()}, config)
     return sources
+
+
+def _read_config(file: Path) -> dict:
+    """A config.json as a dict; a CheckpointError naming the file when it is not a JSON object."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{file} is not valid JSON ({exc}); restore it from the checkpoint release") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(
+            f"{file} must hold a JSON object of settings, got {type(config).__name__}; restore it from the release"
+        )
+    return config
 
 
 def _component_file(folder: Path, weights: str) -> Path:
@@ -434,10 +467,27 @@ def assign_weights(
             if file_key not in read:
                 target = dtype if key in param_names else ref.dtype
                 read[file_key] = _read_tensor(f, source.file, file_key, target, device)
+                _check_loaded(read[file_key], ref, source.file, file_key)
             state[key] = read[file_key]
     module.load_state_dict(state, strict=True, assign=True)
     materialize_buffers(module, device)
     return module.eval().requires_grad_(False)
+
+
+def _check_loaded(tensor: torch.Tensor, ref: torch.Tensor, file: Path, key: str) -> None:
+    """A tensor read for a floating model tensor must be floating (not int8/quantized) and hold finite, sane values.
+
+    The value check is one aminmax pass over the tensor just read (docs/bad-inputs.md).
+    """
+    if ref.is_floating_point() and not tensor.is_floating_point():
+        raise CheckpointError(
+            f"{file}: tensor {key!r} is stored as {str(tensor.dtype).removeprefix('torch.')}, not floating point; "
+            "quantized (int8/fp8-scaled) checkpoints are not supported - use the bf16/fp32 release"
+        )
+    try:
+        check_tensor_values(tensor, f"tensor {key!r}")
+    except ValueError as exc:
+        raise CheckpointError(f"{file}: {exc}; download it again") from None
 
 
 def _read_tensor(f: Any, file: Path, key: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -540,6 +590,8 @@ def _config_or_error(make: ConfigFn, source: TensorSource) -> Any:
             return make(source.config, source.shapes)
     except KeyError as exc:
         raise CheckpointError(f"{source.file}: tensor {exc} is missing, so the model size cannot be read") from exc
+    except (TypeError, AttributeError) as exc:  # a config.json value of the wrong type
+        raise CheckpointError(f"{source.file}: its config.json has a setting of the wrong type ({exc})") from exc
     except ValueError as exc:
         raise CheckpointError(f"{source.file}: {exc}") from exc
 

@@ -161,7 +161,7 @@ def conditioning_for(cond: Conditioning, tokenizer, lyrics: str) -> Conditioning
 def crossfade_gains(length: int, law: str = "equal_gain") -> tuple[Tensor, Tensor]:
     """(fade_out, fade_in) [length]: raised cosine cos², sin² (equal gain) or cos, sin (equal power)."""
     if law not in CROSSFADES:
-        raise ValueError(f"crossfade must be one of {CROSSFADES}, got {law!r}")
+        raise ValueError(f"crossfade must be one of {CROSSFADES}, got {law!r:.200}")
     phase = (torch.arange(length, dtype=torch.float64) + 0.5) / length * (math.pi / 2)
     out, into = torch.cos(phase), torch.sin(phase)
     if law == "equal_gain":

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .safetensors_header import json_entry, read_header
+from .validation import check_tensor_values
 
 OFFICIAL_FILENAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
@@ -112,7 +113,10 @@ def load_lora_file(path: str | Path) -> LoraWeights:
     adapter_config = _parse_adapter_config(metadata.get(METADATA_KEY), file)
     from safetensors.torch import load_file
 
-    tensors = load_file(str(file), device="cpu")
+    try:
+        tensors = load_file(str(file), device="cpu")
+    except Exception as err:  # SafetensorError: truncated or corrupt data behind a valid header
+        raise ValueError(f"LoRA file {file} cannot be read as safetensors ({err}); it is truncated or corrupt") from None
     stat = file.stat()
     fingerprint = (str(file.resolve()), stat.st_mtime_ns, stat.st_size)
     return LoraWeights.from_state_dict(
@@ -349,8 +353,17 @@ def _parse_modules(tensors: Mapping[str, torch.Tensor], source: str) -> dict[str
                 "(need A [r, in, ...], B [out, r, 1, ...])"
             )
             continue
+        if down.shape[0] == 0:
+            problems.append(f"{name}: rank 0 (A {tuple(down.shape)}, B {tuple(up.shape)}): the pair changes nothing")
+            continue
         if not (down.is_floating_point() and up.is_floating_point()):
             problems.append(f"{name}: A/B must be floating point, got {down.dtype}/{up.dtype}")
+            continue
+        try:
+            for role, tensor in (("A", down), ("B", up)):
+                check_tensor_values(tensor, f"{name} {role}")
+        except ValueError as err:
+            problems.append(str(err))
             continue
         alpha_value = None
         if alpha is not None:
@@ -358,6 +371,9 @@ def _parse_modules(tensors: Mapping[str, torch.Tensor], source: str) -> dict[str
                 problems.append(f"{name}: alpha must be a scalar, got shape {tuple(alpha.shape)}")
                 continue
             alpha_value = float(alpha.reshape(()).item())
+            if not math.isfinite(alpha_value):
+                problems.append(f"{name}: alpha must be a finite number, got {alpha_value}")
+                continue
         modules[name] = LoraModule(down=down, up=up, alpha=alpha_value)
     if not modules and not problems:
         problems.append("no LoRA tensors found")
@@ -498,6 +514,11 @@ def _execute(plan: dict[str, tuple[nn.Module, list[tuple[LoraModule, float]]]], 
                     total.add_(_delta(pair, weight), alpha=factor)
                 backup = weight.detach().to("cpu", copy=True)
                 patched = (weight.detach().to(torch.float32) + total).to(weight.dtype)
+                if not bool(torch.isfinite(patched).all()):
+                    raise ValueError(
+                        f"LoRA makes weight {path} non-finite (its A·B times strength and alpha scale overflow "
+                        f"{weight.dtype}); nothing was applied. Lower the strength or check the LoRA file"
+                    )
                 entries.append((path, weight, backup))
                 weight.copy_(patched)
     except BaseException:

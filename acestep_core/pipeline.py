@@ -18,7 +18,7 @@ from .conditioning import Conditioning, encode_conditioning
 from .latent import frames_at
 from .noise import NoiseSource, SeededNoise
 from .sampling.denoiser import GuidanceConfig
-from .validation import MemorySettings, call_explaining_oom
+from .validation import MemorySettings, call_explaining_oom, check_request_counts
 
 TASKS = ("text2music", "retake", "repaint", "extend", "edit", "audio2audio")
 _SAMPLING = tasks.SamplerOptions()
@@ -114,8 +114,9 @@ def generate(model, request: Request, *, noise: NoiseSource | None = None, callb
     module).
     """
     r = request
+    check_request_counts(r)
     if r.task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {r.task!r}")
+        raise ValueError(f"task must be one of {TASKS}, got {r.task!r:.200}")
     transformer = model.transformer
     if noise is None:
         noise = SeededNoise.from_seeds(r.manual_seeds, r.batch_size, retake_seed=r.retake_seeds,

@@ -20,6 +20,7 @@ from .sampling.adapter import Branches, _repeat, encode_branches, make_predict, 
 from .sampling.branch_rows import conditional_rows
 from .sampling.denoiser import GuidanceConfig, guided_velocity  # noqa: F401
 from .sampling.guidance import MomentumBuffer, apg
+from .validation import MAX_N_AVG, check_count
 from .sampling.options import EAGER, SamplerOptions, SpeedOptions, with_options  # noqa: F401  (re-exported: callers import them here)
 from .sampling.samplers import SCHEDULERS, Callback, euler_step  # noqa: F401
 from .sampling.schedules import audio2audio_sigmas, heun_call_sigmas, official_sigmas  # noqa: F401
@@ -215,8 +216,7 @@ class EditOptions:
     def __post_init__(self) -> None:
         if not (0.0 <= self.n_min <= self.n_max <= 1.0):
             raise ValueError(f"edit needs 0 <= n_min <= n_max <= 1, got n_min={self.n_min}, n_max={self.n_max}")
-        if isinstance(self.n_avg, bool) or not isinstance(self.n_avg, int) or self.n_avg < 1:
-            raise ValueError(f"n_avg must be an integer >= 1, got {self.n_avg!r}")
+        check_count("n_avg", self.n_avg, MAX_N_AVG)
 
 
 def _edit_states(transformer, cond: Conditioning, batch: int, with_uncond: bool) -> tuple[Tensor, Tensor]:

@@ -7,6 +7,7 @@ recognises it as out-of-memory (it then unloads its own models), and the user re
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -100,3 +101,86 @@ def call_explaining_oom(fn: Callable[[], T], settings: MemorySettings) -> T:
     if torch.device(settings.device).type == "cuda" and torch.cuda.is_available():
         torch.cuda.empty_cache()
     raise torch.OutOfMemoryError(out_of_memory_message(settings, detail))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bounds on what a user can give (docs/bad-inputs.md): every count and every text is limited where it enters, so
+# that no input, however large, costs more than seconds before it is refused.
+
+MAX_STEPS = 1000
+"""Most sampling steps (and the largest oss step number): the nodes' widget maximum."""
+MAX_BATCH = 64
+"""Most items in one batch: the Empty Latent node's maximum."""
+MAX_N_AVG = 16
+"""Most flow-edit averaging passes: the Flow Edit node's maximum."""
+MAX_TAGS_CHARS = 16_384
+"""Longest tags text accepted; the text encoder reads 256 tokens (about 1,500 characters) of it anyway."""
+MAX_LYRICS_CHARS = 20_000
+"""Longest lyrics accepted: more than 4096 lyric tokens (the model's maximum) of any language hold."""
+MAX_WEIGHT_MAGNITUDE = 1e6
+"""Largest |value| accepted in a checkpoint or LoRA tensor; trained weights stay many orders of magnitude below."""
+
+
+def check_count(name: str, value: object, high: int, low: int = 1) -> int:
+    """`value` as an int in [low, high]; a ValueError naming `name` otherwise (bools and floats are refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        shown = f"{value!r}" if not isinstance(value, int) or abs(value) < 10**12 else f"an integer of {len(str(value))} digits"
+        raise ValueError(f"{name} must be an integer >= {low} and <= {high}, got {shown}")
+    return int(value)
+
+
+def check_text(name: str, value: object, max_chars: int) -> str:
+    """`value` as text of at most `max_chars` characters that is valid Unicode (None gives "").
+
+    A lone surrogate code point (U+D800..U+DFFF, e.g. from a broken copy-paste or a JSON "\\ud800" escape) cannot be
+    encoded as UTF-8, which every tokenizer needs; it is refused naming its position.
+    """
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be text, got {type(value).__name__}")
+    if len(value) > max_chars:
+        raise ValueError(
+            f"{name} are {len(value)} characters long; at most {max_chars} are accepted. Shorten them "
+            "(a long text may be a file pasted by mistake)"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"{name} contain the lone surrogate code point U+{ord(value[err.start]):04X} at character {err.start + 1}, "
+            "which is not valid Unicode; retype or re-paste that part"
+        ) from None
+    return value
+
+
+def check_tensor_values(tensor: torch.Tensor, what: str) -> None:
+    """Refuse NaN, infinite or absurdly large values in a floating tensor, in one pass (aminmax); `what` names it."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    low, high = torch.aminmax(tensor.detach().reshape(-1))
+    low, high = float(low), float(high)
+    if math.isnan(low) or math.isnan(high):
+        raise ValueError(f"{what} contains NaN values; the file is corrupt or was saved from a diverged training run")
+    if max(abs(low), abs(high)) > MAX_WEIGHT_MAGNITUDE:
+        kind = "infinite" if math.isinf(low) or math.isinf(high) else "huge"
+        raise ValueError(
+            f"{what} contains {kind} values (from {low:g} to {high:g}, more than {MAX_WEIGHT_MAGNITUDE:g} in size); "
+            "the file is corrupt or was saved from a diverged training run"
+        )
+
+
+MAX_REGION_SECONDS = 840.0
+"""Largest |repaint_start| / |repaint_end|: a 10-minute source plus one 240 s extension."""
+
+
+def check_request_counts(request: object) -> None:
+    """The counts and seconds of a `pipeline.Request`, bounded before any work (the command line's entry point)."""
+    check_count("batch_size", getattr(request, "batch_size", 1), MAX_BATCH)
+    check_count("steps", getattr(request, "infer_step", 1), MAX_STEPS)
+    check_count("edit_n_avg", getattr(request, "edit_n_avg", 1), MAX_N_AVG)
+    for name in ("repaint_start", "repaint_end"):
+        value = getattr(request, name, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or abs(value) > MAX_REGION_SECONDS:
+            raise ValueError(f"{name} must be a number of seconds within ±{MAX_REGION_SECONDS:.0f}, got {value!r}")

@@ -6,6 +6,7 @@ without ComfyUI at all, which is how the tests call them. ComfyUI itself is reac
 """
 from .codec import AceStepDecode, AceStepEncode
 from .download import AceStepDownload
+from .guard import guard
 from .latents import AceStepAudio2Audio, AceStepEmptyLatent, AceStepExtend, AceStepRepaintRegion
 from .loaders import AceStepLoader, AceStepLoraLoader
 from .longform import AceStepLongForm
@@ -42,7 +43,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
 }
 
 NODE_CLASS_MAPPINGS = {
-    cls.__name__: cls
+    cls.__name__: guard(cls)  # widget values checked against INPUT_TYPES before the node runs (guard.py)
     for cls in (
         AceStepLoader, AceStepLoraLoader, AceStepTextEncode, AceStepEmptyLatent, AceStepSampler,
         AceStepSamplerOptions, AceStepRepaintRegion, AceStepExtend, AceStepAudio2Audio, AceStepFlowEdit,

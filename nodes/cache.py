@@ -44,7 +44,8 @@ class ModelCache(Generic[T]):
     def get(self, key: ModelKey, load: Callable[[], T]) -> T:
         """The cached model for `key`, or `load()`'s result, cached (the least recently used one may be evicted).
 
-        The new model is loaded before anything is evicted, so a load that fails leaves the cache as it was.
+        The new model is loaded before anything is evicted: a load that fails (a broken file, a bad setting) leaves
+        every cached model in place (docs/bad-inputs.md).
         """
         with self._lock:
             if key in self._models:

@@ -6,6 +6,7 @@ import torch
 from ..acestep_core import audio as codec
 from ..acestep_core import fast
 from ..acestep_core.params import app_default
+from ..acestep_core.cancel import checked_calls
 from . import bridge, wire
 from .model import ModelHandle, model_for, on_device
 from .wire import CATEGORY, MODEL
@@ -37,7 +38,8 @@ class AceStepEncode:
         waveform, rate = wire.check_audio(audio, "audio")
         loaded = model_for(model, ("dcae", "vocoder"))
         progress = bridge.Progress(waveform.shape[0])
-        with on_device(model, loaded.dcae, loaded.vocoder):
+        with on_device(model, loaded.dcae, loaded.vocoder), \
+                checked_calls(wire.cancel_check(), loaded.dcae, loaded.vocoder):  # cancel within a layer
             latents = codec.encode_audio(loaded.dcae, loaded.vocoder.mel_transform, waveform, rate,
                                          callback=progress.chunk_callback())
         return ({"samples": latents.to("cpu", torch.float32), "type": "audio"},)
@@ -78,11 +80,12 @@ class AceStepDecode:
 
     def decode(self, model: ModelHandle, latent: dict, sample_rate: str, overlapped_decode: bool = False):
         if str(sample_rate) not in OUTPUT_RATES:
-            raise ValueError(f"sample_rate must be one of {OUTPUT_RATES}, got {sample_rate!r}")
+            raise ValueError(f"sample_rate must be one of {OUTPUT_RATES}, got {sample_rate!r:.200}")
         samples = wire.samples_of(latent, "latent")
         loaded = model_for(model, ("dcae", "vocoder"))
         progress = bridge.Progress(samples.shape[0] * 2)
-        with on_device(model, loaded.dcae, loaded.vocoder):
+        with on_device(model, loaded.dcae, loaded.vocoder), \
+                checked_calls(wire.cancel_check(), loaded.dcae, loaded.vocoder):  # cancel within a layer
             waveform = fast.decode(loaded.dcae, loaded.vocoder, samples, sample_rate=int(sample_rate),
                                    levers=fast.Levers(overlapped_decode=bool(overlapped_decode)),
                                    callback=progress.chunk_callback())

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ..acestep_core.download import hf_download
 from ..acestep_core.loading import ALL_COMPONENTS, DEFAULT_REPO, LAYOUTS
 from . import bridge, files
-from .loaders import REPO_ID
+from .loaders import is_repo_id
 from .wire import CATEGORY
 
 LORA_REPO = "ACE-Step/ACE-Step-v1-chinese-rap-LoRA"
@@ -165,9 +165,9 @@ class AceStepDownload:
 
     def download(self, repo_id: str, target: str):
         repo_id = (repo_id or "").strip()
-        if not REPO_ID.match(repo_id):
-            raise ValueError(f"repo_id {repo_id!r} is not a Hugging Face repo id like {DEFAULT_REPO!r}")
+        if not is_repo_id(repo_id):
+            raise ValueError(f"repo_id {repo_id!r:.200} is not a Hugging Face repo id like {DEFAULT_REPO!r:.200}")
         if target not in TARGETS:
-            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r:.200}")
         path = fetch_repo(repo_id, target)
         return {"ui": {"text": [str(path)]}, "result": (str(path),)}

@@ -62,8 +62,13 @@ def is_lora_folder(path: Path) -> bool:
 def scan(folders: Iterable[Path], file_ok: Callable[[Path], bool], folder_ok: Callable[[Path], bool]) -> dict[str, Path]:
     """Name (relative path with "/") -> path of every matching file or folder; the first folder wins a name."""
     found: dict[str, Path] = {}
+    walked: set[str] = set()  # real paths of the folders listed under one base: a symlink loop is walked once
 
     def walk(base: Path, folder: Path, depth: int) -> None:
+        real = os.path.realpath(folder)
+        if real in walked:
+            return
+        walked.add(real)
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError:
@@ -83,6 +88,7 @@ def scan(folders: Iterable[Path], file_ok: Callable[[Path], bool], folder_ok: Ca
 
     for base in folders:
         if base.is_dir():
+            walked.clear()
             walk(base, base, 1)
     return found
 
@@ -106,6 +112,6 @@ def resolve(kind: str, name: str, listing: dict[str, Path]) -> Path:
         return listing[name]
     shown = ", ".join(sorted(listing)[:20]) or "nothing"
     raise ValueError(
-        f"{kind} {name!r} is not in the model folders (found: {shown}); pick a listed name, or put the file there "
+        f"{kind} {name!r:.200} is not in the model folders (found: {shown}); pick a listed name, or put the file there "
         "and press R in the editor to refresh the list"
     )

@@ -5,6 +5,7 @@ import torch
 
 from ..acestep_core.latent import LATENT_CHANNELS, LATENT_HEIGHT
 from ..acestep_core.params import resolve_duration
+from ..acestep_core.validation import MAX_BATCH, check_count
 from . import wire
 from .wire import CATEGORY, MAX_SECONDS
 
@@ -50,6 +51,7 @@ class AceStepEmptyLatent:
         return float("nan") if seconds == -1 else (seconds, batch_size)  # -1 draws a new length every run
 
     def make(self, seconds: float, batch_size: int):
+        check_count("batch_size", batch_size, MAX_BATCH)
         if seconds == -1:
             seconds = resolve_duration(seconds)
         frames = wire.seconds_to_frames(wire.check_seconds("seconds", seconds))

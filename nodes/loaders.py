@@ -6,7 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..acestep_core import fast
-from ..acestep_core.loading import ALL_COMPONENTS, DEFAULT_REPO, download_repo
+from ..acestep_core.loading import ALL_COMPONENTS, DEFAULT_REPO, _valid_repo_id, download_repo
 from . import bridge, files
 from .model import DEVICES, DTYPES, LoraEntry, ModelHandle, choose_device, choose_dtype, make_key, model_for, read_lora
 from .wire import CATEGORY, MODEL
@@ -14,10 +14,15 @@ from .wire import CATEGORY, MODEL
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+def is_repo_id(text: str) -> bool:
+    """owner/name in Hugging Face's shape and within its rules (length, no '..' or '--', ends)."""
+    return bool(REPO_ID.match(text)) and _valid_repo_id(text)
+
+
 def repo_path(repo_id: str) -> Path:
     """The local folder of a Hugging Face repo id in the download folder, downloaded when missing."""
-    if not REPO_ID.match(repo_id):
-        raise ValueError(f"repo_id {repo_id!r} is not a Hugging Face repo id like {DEFAULT_REPO!r}; clear it to use checkpoint")
+    if not is_repo_id(repo_id):
+        raise ValueError(f"repo_id {repo_id!r:.200} is not a Hugging Face repo id like {DEFAULT_REPO!r:.200}; clear it to use checkpoint")
     target = bridge.download_folder() / repo_id.split("/")[-1]
     if files.is_checkpoint_folder(target):
         return target

@@ -5,6 +5,7 @@ import torch
 
 from ..acestep_core import longform, tasks
 from ..acestep_core.params import app_default
+from ..acestep_core.cancel import checked_calls
 from . import bridge, wire
 from .sampling import DEFAULTS, sampler_widgets
 from .model import ModelHandle, model_for, on_device, transformer_for
@@ -85,7 +86,7 @@ class AceStepLongForm:
                  sample_rate: str, options=None, crossfade: str = "equal_gain", lyric_timing: bool = False):
         cond = wire.check_conditioning(conditioning, "conditioning")
         if str(sample_rate) not in OUTPUT_RATES:
-            raise ValueError(f"sample_rate must be one of {OUTPUT_RATES}, got {sample_rate!r}")
+            raise ValueError(f"sample_rate must be one of {OUTPUT_RATES}, got {sample_rate!r:.200}")
         if not 0 < float(seconds) <= MAX_LONG_SECONDS:
             raise ValueError(f"seconds must be in (0, {MAX_LONG_SECONDS:.0f}], got {seconds}")
         if options is not None and not isinstance(options, tasks.SamplerOptions):
@@ -98,12 +99,13 @@ class AceStepLongForm:
         loaded = model_for(model)
         noise = wire.noise_for(transformer, seed, 1)
         progress = bridge.Progress(int(steps))
+        cancel = None if settings.speed.compile else wire.cancel_check()  # before every layer; compiled blocks excepted
 
         def decode(z):  # low VRAM: the decoder's own phase, the transformer waits in CPU memory meanwhile
             with on_device(model, loaded.dcae, loaded.vocoder):
                 return longform.decode_window(loaded, z)
 
-        with on_device(model, transformer):
+        with on_device(model, transformer), checked_calls(cancel, loaded.transformer, loaded.dcae, loaded.vocoder):
             song = longform.generate_long(
                 loaded, cond, float(seconds), noise=noise, window_seconds=float(window_seconds),
                 overlap_seconds=float(overlap_seconds), options=settings, sample_rate=int(sample_rate),

@@ -53,7 +53,7 @@ class ModelHandle:
 def choose_device(device: str) -> torch.device:
     """'auto' -> ComfyUI's (or the best available) device; 'cuda' must exist."""
     if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r:.200}")
     if device == "auto":
         return bridge.default_device()
     if device == "cuda" and not torch.cuda.is_available():
@@ -66,7 +66,7 @@ def choose_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return bridge.default_dtype(device)
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be 'auto' or one of {tuple(DTYPES)}, got {dtype!r}")
+        raise ValueError(f"dtype must be 'auto' or one of {tuple(DTYPES)}, got {dtype!r:.200}")
     return DTYPES[dtype]
 
 

@@ -8,6 +8,7 @@ import torch
 from ..acestep_core import fast, tasks
 from ..acestep_core.noise import MAX_SEED
 from ..acestep_core.params import EDIT_TYPES, app_default, edit_range
+from ..acestep_core.cancel import checked_calls
 from ..acestep_core.sampling.denoiser import CFG_TYPES, GuidanceConfig
 from ..acestep_core.validation import MemorySettings, call_explaining_oom
 from . import bridge, timing, wire
@@ -123,7 +124,9 @@ class AceStepSampler:
         memory = _memory_settings("sampling", transformer, frames, source.shape[0], settings.speed.batch_branches)
         run = functools.partial(tasks.run_task, task, transformer, cond, source, mark, batch_size=source.shape[0],
                                 options=settings, noise=noise, callback=progress.step_callback())
-        with torch.no_grad(), on_device(model, transformer):
+        cancel = None if settings.speed.compile else wire.cancel_check()  # compiled blocks run without hooks
+        # Cancel checked before every layer of a step
+        with torch.no_grad(), on_device(model, transformer), checked_calls(cancel, transformer):
             out, collected = timing.sample_collecting(collect_lyric_timing, transformer, cond,
                                                       functools.partial(call_explaining_oom, run, memory))
         drop = (("noise_mask",) if out.shape[-1] != source.shape[-1] else ()) + (timing.TIMING_KEY,)
@@ -296,7 +299,7 @@ class AceStepFlowEdit:
         src = wire.check_conditioning(source_conditioning, "source_conditioning")
         tgt = wire.check_conditioning(target_conditioning, "target_conditioning")
         if scheduler not in EDIT_SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {EDIT_SCHEDULERS} for flow edit, got {scheduler!r}")
+            raise ValueError(f"scheduler must be one of {EDIT_SCHEDULERS} for flow edit, got {scheduler!r:.200}")
         edit = tasks.EditOptions(n_min=float(n_min), n_max=float(n_max), n_avg=int(n_avg))
         options = tasks.SamplerOptions(steps=int(steps), scheduler=scheduler,
                                        guidance=GuidanceConfig(guidance_scale=float(guidance_scale)))
@@ -306,7 +309,8 @@ class AceStepFlowEdit:
         memory = _memory_settings("editing", transformer, source.shape[-1], source.shape[0], options.speed.batch_branches)
         run = functools.partial(tasks.flow_edit, transformer, src, tgt, source, edit=edit, batch_size=source.shape[0],
                                 options=options, noise=noise, callback=progress.step_callback())
-        with torch.no_grad(), on_device(model, transformer):
+        # Cancel checked before every layer
+        with torch.no_grad(), on_device(model, transformer), checked_calls(wire.cancel_check(), transformer):
             out, collected = timing.sample_collecting(collect_lyric_timing, transformer, tgt,
                                                       functools.partial(call_explaining_oom, run, memory))
         result = wire.with_samples(latent, out, drop=(timing.TIMING_KEY,))

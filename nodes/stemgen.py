@@ -109,7 +109,7 @@ def _inputs(task: str, model: ModelHandle, stemgen: StemGenWeights, reference: d
     if not isinstance(model, ModelHandle):
         raise ValueError(f"model must come from the ACE-Step Loader node, got {type(model).__name__}")
     if str(sample_rate) not in OUTPUT_RATES:
-        raise ValueError(f"sample_rate must be one of {OUTPUT_RATES}, got {sample_rate!r}")
+        raise ValueError(f"sample_rate must be one of {OUTPUT_RATES}, got {sample_rate!r:.200}")
     if options is not None and not isinstance(options, tasks.SamplerOptions):
         raise ValueError("options must come from the ACE-Step Sampler Options node")
     waveform, rate = wire.check_audio(reference, "reference")

@@ -48,16 +48,26 @@ def timing_of(latent) -> LyricAttention:
 
 def save_text(prefix: str, suffix: str, text: str) -> Path:
     """Write `text` to <output>/<prefix>_NNNNN<suffix> with the next free number; the prefix may hold folders."""
+    if "\x00" in prefix or len(prefix) > 200:
+        raise ValueError(f"filename_prefix must be a file name of at most 200 characters without NUL, got {prefix!r:.80}")
     root = bridge.output_folder().resolve()
     target = (root / prefix).resolve()
     if root not in target.parents:
-        raise ValueError(f"filename_prefix {prefix!r} points outside the output folder; use a relative name")
+        raise ValueError(f"filename_prefix {prefix!r:.200} points outside the output folder; use a relative name")
     target.parent.mkdir(parents=True, exist_ok=True)
     pattern = re.compile(re.escape(target.name) + r"_(\d{5})" + re.escape(suffix))
     taken = [int(m.group(1)) for p in target.parent.iterdir() if (m := pattern.fullmatch(p.name))]
     path = target.parent / f"{target.name}_{max(taken, default=0) + 1:05d}{suffix}"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def _save_text_named(prefix: str, suffix: str, text: str) -> Path:
+    """save_text, with file-system refusals (a name part too long, not allowed here) named as filename_prefix."""
+    try:
+        return save_text(prefix, suffix, text)
+    except OSError as err:
+        raise ValueError(f"filename_prefix {prefix!r:.80} cannot be used as a file name here: {err.strerror}") from None
 
 
 class AceStepLyricTiming:
@@ -117,6 +127,9 @@ class AceStepLyricTiming:
                 f"the lyric timing covers {attention.frames} latent frames but the latent has {frames}; use the "
                 "latent straight from the sampler that collected it"
             )
+        if not 0 <= int(batch_index) < attention.weights.shape[0]:
+            raise ValueError(f"batch_index must be in [0, {attention.weights.shape[0]}) (the latent's batch), "
+                             f"got {batch_index}")
         alignment = align_lyrics(attention, model_for(model, components=()).lyric_tokenizer, item=int(batch_index),
                                  threshold=float(threshold))
         lrc = to_lrc(alignment.lines, alignment.duration, keep_unsung=bool(keep_unsung))
@@ -124,5 +137,5 @@ class AceStepLyricTiming:
         result = (lrc, alignment.to_json(), image)
         if not filename_prefix.strip():
             return result
-        path = save_text(filename_prefix.strip(), ".lrc", lrc)
+        path = _save_text_named(filename_prefix.strip(), ".lrc", lrc)
         return {"ui": {"text": [str(path)]}, "result": result}

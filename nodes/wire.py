@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..acestep_core import fast
-from ..acestep_core.audio import check_source_duration
+from ..acestep_core.audio import check_sample_values, check_source_duration
 from ..acestep_core.conditioning import Conditioning
 from ..acestep_core.latent import MAX_SECONDS, check_latent  # noqa: F401  (the latent format, design §1)
 from ..acestep_core.latent import frames_at as seconds_to_frames  # noqa: F401  (latent frames before a time)
@@ -36,6 +36,8 @@ COND = "ACESTEP_COND"
 OPTIONS = "ACESTEP_OPTIONS"
 MARK = "acestep"
 TASKS = ("repaint", "extend", "audio2audio")
+MAX_SAMPLE_RATE = 768_000  # the highest rate audio files use
+MAX_REGION_SECONDS = 840.0  # validation.MAX_REGION_SECONDS: a 10-minute source and one 240 s extension
 
 
 def samples_of(latent: Any, name: str = "latent") -> torch.Tensor:
@@ -56,7 +58,7 @@ def with_samples(latent: dict, samples: torch.Tensor, *, drop: tuple[str, ...] =
 def marked(latent: dict, mark: dict) -> dict:
     """A copy of `latent` carrying a task mark for the sampler."""
     if mark.get("task") not in TASKS:
-        raise ValueError(f"unknown ACE-Step task mark {mark!r}")
+        raise ValueError(f"unknown ACE-Step task mark {mark!r:.200}")
     out = dict(latent)
     out[MARK] = dict(mark)
     out["type"] = "audio"
@@ -69,7 +71,7 @@ def mark_of(latent: dict) -> dict | None:
     if mark is None:
         return None
     if not isinstance(mark, dict) or mark.get("task") not in TASKS:
-        raise ValueError(f"latent carries an unreadable ACE-Step task mark {mark!r}; rebuild it with the ACE-Step nodes")
+        raise ValueError(f"latent carries an unreadable ACE-Step task mark {mark!r:.200}; rebuild it with the ACE-Step nodes")
     return mark
 
 
@@ -112,10 +114,15 @@ def check_audio(audio: Any, name: str = "audio") -> tuple[torch.Tensor, int]:
     if not isinstance(waveform, torch.Tensor) or waveform.ndim != 3 or waveform.shape[-1] == 0:
         shape = tuple(waveform.shape) if isinstance(waveform, torch.Tensor) else type(waveform).__name__
         raise ValueError(f"{name} waveform must be a non-empty tensor [batch, channels, samples], got {shape}")
-    check_source_duration(waveform.shape[-1], int(audio["sample_rate"]), name)
-    if not torch.isfinite(waveform).all():
-        raise ValueError(f"{name} contains NaN or infinite samples; clean or re-export the file")
-    return waveform, int(audio["sample_rate"])
+    rate = audio["sample_rate"]
+    if isinstance(rate, bool) or not isinstance(rate, int) or not 1 <= rate <= MAX_SAMPLE_RATE:
+        raise ValueError(f"{name} sample_rate must be a positive integer sample rate in Hz (at most {MAX_SAMPLE_RATE}), "
+                         f"got {rate!r:.80}")
+    if waveform.shape[1] == 0 or waveform.shape[0] == 0:
+        raise ValueError(f"{name} waveform has no channels or no items: {tuple(waveform.shape)}")
+    check_source_duration(waveform.shape[-1], rate, name)
+    check_sample_values(waveform, name)
+    return waveform, rate
 
 
 def audio_preview(audio: dict) -> dict:
@@ -133,9 +140,20 @@ def audio_preview(audio: dict) -> dict:
     return {"filename": name, "subfolder": "", "type": kind}
 
 
+def cancel_check():
+    """ComfyUI's cancel check, to run before every layer of a long model call (acestep_core.cancel.checked_calls);
+    None outside ComfyUI, where there is nothing to check."""
+    return bridge.check_interrupt if bridge.comfy_module("comfy.model_management") is not None else None
+
+
 def check_seconds(name: str, value: float) -> float:
-    """A finite number of seconds >= 0."""
-    value = float(value)
+    """A finite number of seconds in [0, MAX_REGION_SECONDS] (past 240 s the task nodes explain what to do instead)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r:.80}") from None
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a number of seconds >= 0, got {value}")
+    if value > MAX_REGION_SECONDS:
+        raise ValueError(f"{name} must be at most {MAX_REGION_SECONDS:.0f} seconds, got {value:g}")
     return value

@@ -23,6 +23,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -574,3 +575,60 @@ def test_low_vram_leaves_the_placement_to_comfyuis_memory_manager(server):
             node["inputs"]["low_vram"] = True
     prompt_id, _ = run_prompt(server, prompt)
     assert wait_for_history(server, prompt_id)["status"]["status_str"] == "success"
+
+def test_a_one_megabyte_lyric_is_refused_at_once_and_the_server_stays_responsive(server):
+    """The red team's freeze: one 1 MB lyrics line sent through /prompt. The Text Encode node refuses it in a moment,
+    naming the lyrics, and /queue answers within a second the whole time (docs/bad-inputs.md)."""
+    def open_lyrics(prompt: dict) -> list[str]:
+        return [k for k, v in prompt.items()
+                if v["class_type"] == "AceStepTextEncode" and not is_link(v["inputs"].get("lyrics"))]
+
+    name = next(n for n in WORKFLOWS if open_lyrics(tiny_prompt(n)))
+    prompt = tiny_prompt(name)
+    encode = open_lyrics(prompt)[0]
+    prompt[encode]["inputs"]["lyrics"] = "la " * 333_333 + "a"  # 1,000,000 characters, no newline
+
+    answered: list[float] = []  # seconds each /queue request took while the prompt ran
+    done = threading.Event()
+
+    def poll_queue() -> None:
+        while not done.is_set():
+            started = time.monotonic()
+            try:
+                ok = "queue_running" in server.get("/queue")
+            except (OSError, ValueError):  # no answer, or not the queue JSON: counted as never answered
+                ok = False
+            answered.append(time.monotonic() - started if ok else math.inf)
+            time.sleep(0.1)
+
+    client_id = uuid.uuid4().hex
+    ws = WebSocket(server.port, f"/ws?clientId={client_id}", timeout=30)
+    poller = threading.Thread(target=poll_queue, daemon=True)
+    try:
+        status, answer = server.post("/prompt", {"prompt": prompt, "client_id": client_id})
+        assert status == 200 and answer.get("node_errors") == {}, f"/prompt answered {status}: {str(answer)[:2000]}"
+        poller.start()
+        prompt_id, error = answer["prompt_id"], None
+        deadline = time.monotonic() + 120
+        while error is None:
+            try:
+                message = ws.receive(deadline)
+            except socket.timeout:
+                pytest.fail(f"the 1 MB lyric was not answered within 120 s:\n{server.log_tail()}")
+            if message is None or message.get("data", {}).get("prompt_id") != prompt_id:
+                continue
+            if message["type"] == "execution_success":
+                pytest.fail("a 1 MB lyric was accepted")
+            if message["type"] == "execution_error":
+                error = message["data"]
+    finally:
+        done.set()
+        ws.close()
+    poller.join(timeout=30)
+    assert error["node_id"] == encode and error["exception_type"].endswith("ValueError"), error
+    assert "lyrics are 1000000 characters long; at most" in error["exception_message"], error["exception_message"]
+    assert answered, "/queue was never asked while the prompt ran"
+    assert max(answered) < 1.0, f"/queue took up to {max(answered):.2f} s while the lyric was refused"
+    started = time.monotonic()
+    assert "queue_running" in server.get("/queue")
+    assert time.monotonic() - started < 1.0

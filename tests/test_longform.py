@@ -203,13 +203,14 @@ def test_long_form_node_returns_the_song_its_latent_and_the_window_plan(monkeypa
     (handle,) = loaders.AceStepLoader().load(checkpoint=TINY_FOLDER.name, dtype="fp32", device="cpu")
     cond = pcond.encode_conditioning(node_model.model_for(handle), "ambient", LYRICS)
     node = node_longform.AceStepLongForm()
-    args = dict(model=handle, conditioning=cond, seconds=4.0, window_seconds=2.0, overlap_seconds=0.5, seed=3, steps=1,
+    # the node's smallest window is 10 s (its inputs are checked against their declared ranges, nodes/guard.py)
+    args = dict(model=handle, conditioning=cond, seconds=14.0, window_seconds=10.0, overlap_seconds=2.0, seed=3, steps=1,
                 scheduler="euler", cfg_type="apg", guidance_scale=1.0, omega_scale=10.0, sample_rate="48000")
     audio, latent, plan, lrc = node.generate(**args, lyric_timing=True)
-    assert audio["sample_rate"] == 48000 and audio["waveform"].shape == (1, 2, 4 * 48000)
+    assert audio["sample_rate"] == 48000 and audio["waveform"].shape == (1, 2, 14 * 48000)
     assert torch.isfinite(audio["waveform"]).all()
-    assert latent["samples"].shape == (1, 8, 16, lf.frames_for_long(4.0))
-    windows = lf.plan_windows(lf.frames_for_long(4.0), tasks.frames_for_seconds(2.0), round(0.5 * LATENT_RATE))
+    assert latent["samples"].shape == (1, 8, 16, lf.frames_for_long(14.0))
+    windows = lf.plan_windows(lf.frames_for_long(14.0), tasks.frames_for_seconds(10.0), round(2.0 * LATENT_RATE))
     assert plan.count("# window") == len(windows) > 1
     assert lrc.startswith("[re:") and "[#:verse]" in lrc
     assert node.generate(**{**args, "seconds": 1.0})[3] == ""

@@ -453,7 +453,7 @@ def test_progress_bar_counts_every_sampling_step(fake_comfy, handle, cond):
     sample(handle, cond, empty(1.0), steps=3)
     (bar,) = fake_comfy.bars
     assert bar.total == 3 and bar.updates == [(1, 3), (2, 3), (3, 3)]
-    assert fake_comfy.checks == 3
+    assert fake_comfy.checks > 3  # after every step, and before every transformer layer (acestep_core.cancel)
 
 
 def test_interrupt_stops_sampling_within_one_step_and_the_next_run_works(fake_comfy, handle, cond, monkeypatch):
@@ -478,7 +478,7 @@ def test_interrupt_stops_sampling_within_one_step_and_the_next_run_works(fake_co
     with pytest.raises(Interrupted):
         sample(handle, cond, latent, steps=4)
     assert len(at_check) == 2 and len(calls) == at_check[-1], "the model ran after the interrupt"
-    assert fake_comfy.bars[-1].updates == [(1, 4), (2, 4)]
+    assert fake_comfy.bars[-1].updates == [], "the second check is inside the first step: no step finished"
     assert model_mod.model_for(handle) is model
     assert torch.equal(sample(handle, cond, latent, steps=4)["samples"], reference)
 

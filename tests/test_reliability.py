@@ -270,7 +270,10 @@ def test_bad_durations_are_refused_naming_seconds(seconds):
 
 
 def test_duration_past_240_s_is_refused_before_sampling(handle, baseline, cond):
-    refused(baseline, handle, lambda: sample(handle, cond, empty(300.0)), match=r"past the model's 240 s")
+    with pytest.raises(ValueError, match=r"seconds must be a finite number from 1.0 to 240.0, got 300.0"):
+        empty(300.0)
+    long = {"samples": torch.zeros(1, 8, 16, 3229), "type": "audio"}  # 300 s, e.g. from ComfyUI's own empty latent
+    refused(baseline, handle, lambda: sample(handle, cond, long), match=r"past the model's 240 s")
     assert_untouched(baseline, handle, cond)
 
 
@@ -297,9 +300,9 @@ def test_bad_sampler_settings_are_refused_naming_the_setting(handle, baseline, c
 def test_bad_sampler_options_and_flow_edit_settings(handle, baseline, cond):
     defaults = {name: spec[1]["default"] for name, spec in NODES["AceStepSamplerOptions"].INPUT_TYPES()["required"].items()}
     for setting, value, match in [
-        ("shift", float("nan"), "shift must be a finite number > 0"),
+        ("shift", float("nan"), "shift must be a finite number from 0.01 to 100.0, got nan"),
         ("min_guidance_scale", float("nan"), "min_guidance_scale must be a finite number"),
-        ("guidance_interval", 1.5, r"guidance_interval must be a number in \[0, 1\]"),
+        ("guidance_interval", 1.5, r"guidance_interval must be a finite number from 0.0 to 1.0, got 1.5"),
         ("oss_steps", "16, x", "oss_steps must be comma-separated integers"),
     ]:
         refused(baseline, handle, lambda: run("AceStepSamplerOptions", **{**defaults, setting: value}), match=match)
@@ -318,8 +321,8 @@ def test_bad_sampler_options_and_flow_edit_settings(handle, baseline, cond):
 @pytest.mark.parametrize("start,end,match", [
     (1.0, 5.0, r"end_seconds \(5.0\) is past the end of the source latent \(2.97 s\)"),
     (2.0, 1.0, r"end_seconds \(1.0\) must be after start_seconds \(2.0\)"),
-    (-1.0, 1.0, "start_seconds must be a number of seconds >= 0"),
-    (0.0, float("nan"), "end_seconds must be a number of seconds >= 0"),
+    (-1.0, 1.0, "start_seconds must be a finite number from 0.0 to 240.0, got -1.0"),
+    (0.0, float("nan"), "end_seconds must be a finite number from 0.0 to 240.0, got nan"),
 ])
 def test_repaint_regions_outside_the_source_are_refused(start, end, match):
     with pytest.raises(ValueError, match=match):
@@ -329,13 +332,15 @@ def test_repaint_regions_outside_the_source_are_refused(start, end, match):
 def test_extensions_that_cannot_be_made_are_refused(handle, baseline, cond):
     source = empty(2.0)
     for left, right, match in [
-        (-1.0, 1.0, "left_seconds must be a number of seconds >= 0"),
-        (0.0, float("inf"), "right_seconds must be a number of seconds >= 0"),
+        (-1.0, 1.0, "left_seconds must be a finite number from 0.0 to 240.0, got -1.0"),
+        (0.0, float("inf"), "right_seconds must be a finite number from 0.0 to 240.0, got inf"),
         (0.0, 0.0, "left_seconds and right_seconds are both 0"),
     ]:
         with pytest.raises(ValueError, match=match):
             run("AceStepExtend", latent=source, left_seconds=left, right_seconds=right, variance=1.0)
-    (far,) = run("AceStepExtend", latent=source, left_seconds=0.0, right_seconds=300.0, variance=1.0)
+    with pytest.raises(ValueError, match="right_seconds must be a finite number from 0.0 to 240.0, got 300.0"):
+        run("AceStepExtend", latent=source, left_seconds=0.0, right_seconds=300.0, variance=1.0)
+    (far,) = run("AceStepExtend", latent=source, left_seconds=0.0, right_seconds=240.0, variance=1.0)
     refused(baseline, handle, lambda: sample(handle, cond, far), match="limited to just under 240 s; extend in several")
     assert_untouched(baseline, handle, cond)
 
@@ -647,7 +652,7 @@ def test_interrupt_while_encoding_or_decoding_stops_within_a_chunk(handle, basel
     encoder_calls = counting(monkeypatch, model.dcae, "encode")
     comfy.interrupt_at = comfy.checks + 1
     interrupted(lambda: encode(handle, audio))
-    assert len(encoder_calls) == 1, "the second item was encoded after the interrupt"
+    assert len(encoder_calls) <= 1, "the second item was encoded after the interrupt"  # checks run inside calls too
     vocoder_calls = counting(monkeypatch, model.vocoder, "decode")
     comfy.interrupt_at = comfy.checks + 1
     interrupted(lambda: run("AceStepDecode", model=handle, latent=latent, sample_rate="44100"))

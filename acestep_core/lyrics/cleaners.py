@@ -72,6 +72,10 @@ _SYMBOL_WORDS: dict[str, tuple[str, ...]] = {
 }
 _SYMBOLS = ("&", "@", "%", "#", "$", "£", "°")
 
+# The official patterns, each behind "(?<![0-9])": a match can only start where a digit run starts (a start inside
+# a run fails whenever the run's own start fails, and every match ends where its run ends), so the results are the
+# official ones, in time linear in the length of a digit run instead of quadratic.
+_RUN_START = r"(?<![0-9])"
 _ORDINAL_RES = {
     "en": re.compile(r"([0-9]+)(st|nd|rd|th)"),
     "es": re.compile(r"([0-9]+)(º|ª|er|o|a|os|as)"),
@@ -88,6 +92,7 @@ _ORDINAL_RES = {
     "hu": re.compile(r"([0-9]+)(\.|adik|edik|odik|edik|ödik|ödike|ik)"),
     "ko": re.compile(r"([0-9]+)(번째|번|차|째)"),
 }
+_ORDINAL_RES = {lang: re.compile(_RUN_START + pattern.pattern) for lang, pattern in _ORDINAL_RES.items()}
 # Word that joins whole units and cents in num2words' currency reading; cut off for whole amounts.
 _CURRENCY_AND = {
     "en": ", ", "es": " con ", "fr": " et ", "de": " und ", "pt": " e ", "it": " e ", "pl": ", ", "cs": ", ",
@@ -100,7 +105,7 @@ _CURRENCY_RES = (
 )
 _COMMA_THOUSANDS_RE = re.compile(r"\b\d{1,3}(,\d{3})*(\.\d+)?\b")
 _DOT_THOUSANDS_RE = re.compile(r"\b\d{1,3}(.\d{3})*(\,\d+)?\b")  # the unescaped '.' is official
-_DECIMAL_RE = re.compile(r"([0-9]+[.,][0-9]+)")
+_DECIMAL_RE = re.compile(_RUN_START + r"([0-9]+[.,][0-9]+)")
 _INTEGER_RE = re.compile(r"[0-9]+")
 _WHITESPACE_RE = re.compile(r"\s+")
 

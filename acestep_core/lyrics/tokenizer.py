@@ -4,8 +4,10 @@ from __future__ import annotations
 import functools
 import os
 import re
+import warnings
 from pathlib import Path
 
+from ..validation import MAX_LYRICS_CHARS, check_text
 from .cleaners import clean_line
 from .language import detect_line_language
 
@@ -16,6 +18,10 @@ UNK_ID = 1
 SEPARATOR_ID = 2  # "[SPACE]": spaces inside a line and the end of every line
 START_ID = 261
 VOCAB_SIZE = 6693
+MAX_LINE_CHARS = 128
+"""Longest piece of a line read as one line. Language detection and some cleaners (pypinyin, number expansion) take
+time that grows faster than the length of a line, so a longer line is split at spaces into pieces of at most this
+many characters, each read as its own line (docs/bad-inputs.md); sung lines are far shorter."""
 STRUCTURE_TAG = re.compile(r"\[.*?\]")
 LANGUAGE_TAG = re.compile(r"\[(" + "|".join(SUPPORTED_LANGUAGES) + r"|zh-cn)\]")
 
@@ -28,6 +34,22 @@ def language_token(lang: str) -> str:
 def encoding_language(detected: str) -> str:
     """Official mapping of a detected code: unsupported codes -> en (design §5.2 step 3)."""
     return detected if detected in SUPPORTED_LANGUAGES else "en"
+
+
+def split_long_line(line: str, limit: int = MAX_LINE_CHARS) -> list[str]:
+    """`line` itself when it has at most `limit` characters, else pieces of at most `limit` cut at the last space
+    (anywhere when a piece has none), stripped, empty ones dropped. Linear in the length of the line."""
+    if len(line) <= limit:
+        return [line]
+    pieces = []
+    start = 0
+    while len(line) - start > limit:
+        cut = line.rfind(" ", start + 1, start + limit + 1)
+        end = cut if cut > start else start + limit
+        pieces.append(line[start:end].strip())
+        start = end
+    pieces.append(line[start:].strip())
+    return [piece for piece in pieces if piece]
 
 
 class LyricTokenizer:
@@ -91,15 +113,32 @@ class LyricTokenizer:
         """
         if not isinstance(lyrics, str):
             raise ValueError(f"lyrics must be text, got {type(lyrics).__name__}")
+        check_text("lyrics", lyrics, MAX_LYRICS_CHARS)
         ids = [START_ID]
+        split: list[tuple[int, str, int]] = []
         for number, line in enumerate(lyrics.split("\n"), start=1):
             line = line.strip()
             if line:
-                try:
-                    ids += self._encode_line(line)
-                except ImportError as err:  # a language helper that is not installed: say which line needs it
-                    raise ImportError(f"lyrics line {number} ({line[:40]!r}): {err}") from err
+                pieces = split_long_line(line)
+                if len(pieces) > 1:
+                    split.append((number, line, len(pieces)))
+                for index, piece in enumerate(pieces):
+                    if index:
+                        ids.append(SEPARATOR_ID)
+                    try:
+                        ids += self._encode_line(piece)
+                    except ImportError as err:  # a language helper that is not installed: say which line needs it
+                        raise ImportError(f"lyrics line {number} ({line[:40]!r}): {err}") from err
             ids.append(SEPARATOR_ID)
+        if split:
+            number, line, count = split[0]
+            more = f" (and {len(split) - 1} more long line(s))" if len(split) > 1 else ""
+            warnings.warn(
+                f"lyrics line {number} ({line[:40]!r}) is {len(line)} characters long: it is read as {count} lines of "
+                f"at most {MAX_LINE_CHARS} characters, split at spaces{more}. Break long lines where the singing "
+                "breaks",
+                stacklevel=2,
+            )
         return ids
 
     def encode_with_mask(self, lyrics: str) -> tuple[list[int], list[int]]:
@@ -111,7 +150,9 @@ class LyricTokenizer:
 
     def line_languages(self, lyrics: str) -> list[tuple[str, str]]:
         """(line, language used to encode it) for every non-empty line (structure-tag lines are en)."""
-        return [(line, self._line_plan(line)[1]) for line in (raw.strip() for raw in lyrics.split("\n")) if line]
+        check_text("lyrics", lyrics, MAX_LYRICS_CHARS)
+        lines = (raw.strip() for raw in lyrics.split("\n"))
+        return [(piece, self._line_plan(piece)[1]) for line in lines if line for piece in split_long_line(line)]
 
     def unknown_structure_tags(self, lyrics: str) -> list[str]:
         """Line-leading ``[...]`` tags the vocabulary does not know (encoded as [UNK] + letters), first-seen order."""

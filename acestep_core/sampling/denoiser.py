@@ -54,7 +54,7 @@ class GuidanceConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
         if self.cfg_type not in CFG_TYPES:
-            raise ValueError(f"cfg_type must be one of {CFG_TYPES}, got {self.cfg_type!r}")
+            raise ValueError(f"cfg_type must be one of {CFG_TYPES}, got {self.cfg_type!r:.200}")
         if isinstance(self.zero_steps, bool) or not isinstance(self.zero_steps, int) or self.zero_steps < 0:
             raise ValueError(f"zero_steps must be an integer >= 0, got {self.zero_steps!r}")
         for name in ("use_zero_init", "use_erg_tag", "use_erg_lyric", "use_erg_diffusion"):

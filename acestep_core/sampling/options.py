@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields, replace
 from .denoiser import GuidanceConfig
 from .samplers import SCHEDULERS
 from .schedules import parse_oss_steps
+from ..validation import MAX_STEPS, check_count
 
 
 @dataclass(frozen=True)
@@ -51,10 +52,9 @@ class SamplerOptions:
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+        check_count("steps", self.steps, MAX_STEPS)
         if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r:.200}")
         object.__setattr__(self, "oss_steps", tuple(parse_oss_steps(self.oss_steps or None)))
         if not (isinstance(self.shift, (int, float)) and math.isfinite(self.shift) and self.shift > 0):
             raise ValueError(f"shift must be a finite number > 0, got {self.shift!r}")

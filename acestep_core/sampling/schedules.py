@@ -81,6 +81,10 @@ def heun_call_sigmas(sigmas: Tensor) -> Tensor:
     return torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]])
 
 
+MAX_OSS_STEP = 1000
+"""Largest oss step number: the schedule it picks from has that many steps (the nodes' step maximum)."""
+
+
 def parse_oss_steps(oss_steps: str | Sequence[int] | None) -> list[int]:
     """The oss_steps list from "16, 29, 52" or a sequence; empty text or None give [] (no oss) (design §7.7)."""
     if oss_steps is None:
@@ -90,14 +94,16 @@ def parse_oss_steps(oss_steps: str | Sequence[int] | None) -> list[int]:
         if not text:
             return []
         try:
-            return [int(part) for part in text.split(",")]
+            oss_steps = [int(part) for part in text.split(",")]
         except ValueError:
             raise ValueError(
-                f"oss_steps must be comma-separated integers like '16, 29, 52', got {oss_steps!r}"
+                f"oss_steps must be comma-separated integers like '16, 29, 52', got {oss_steps!r:.200}"
             ) from None
     steps = list(oss_steps)
     if any(isinstance(k, bool) or not isinstance(k, int) for k in steps):
-        raise ValueError(f"oss_steps must hold integers, got {steps!r}")
+        raise ValueError(f"oss_steps must hold integers, got {steps!r:.200}")
+    if any(not 1 <= k <= MAX_OSS_STEP for k in steps):
+        raise ValueError(f"oss_steps must be step numbers from 1 to {MAX_OSS_STEP}, got {steps!r:.200}")
     return steps
 
 

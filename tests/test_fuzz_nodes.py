@@ -1,0 +1,288 @@
+"""A fuzz pass over every node input, through the node functions as ComfyUI calls them (docs/bad-inputs.md).
+
+Each example takes a working set of inputs for one node and replaces one input with a hostile value: text with any
+code point (lone surrogates included) and up to a megabyte, numbers at and past every limit, NaN and infinities,
+empty, wrong-shaped, non-finite and over-sized tensors, combo values that are not offered. The node must answer
+with a ValueError (or ModelDownloadError, the named error for downloads) whose message names the input, or with a
+finite result; never another exception, never a hang; and the cached model stays bit-identical.
+
+The StemGen generation nodes are left out: they need a trained control file (tests/test_stemgen.py trains one).
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import signal
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import TINY_FOLDER, TINY_LORA, VOCAB
+from pack_loader import load_pack
+
+pack = load_pack()
+NODES = pack.NODE_CLASS_MAPPINGS
+nodes = sys.modules[f"{pack.__name__}.nodes"]
+model_mod = nodes.model
+errors = importlib.import_module(f"{pack.__name__}.acestep_core.errors")
+
+SKIPPED_NODES = ("AceStepStemGen", "AceStepSinging2Accompaniment")
+OUR_SOCKETS = ("ACESTEP_MODEL", "ACESTEP_COND", "ACESTEP_OPTIONS", "ACESTEP_STEMGEN")  # only our nodes make these
+NAMED_ERRORS = (ValueError, errors.ModelDownloadError)
+CALL_SECONDS = 60  # a call that takes longer is a hang
+# Limits whose maximum is legitimate but costs minutes on the tiny model (1000 sampling steps, an hour of long-form);
+# the bench covers their cost, and the value one past the limit is still fuzzed here.
+COSTLY_MAXIMA = {"steps", ("AceStepLongForm", "seconds"), ("AceStepFlowEdit", "n_avg")}
+ANY_CHARACTER = st.characters(blacklist_categories=())  # every code point, surrogates included
+MAX_EXAMPLES = {"AceStepLongForm": 12}  # each working long-form example samples and decodes several windows
+
+
+def run(name: str, **inputs):
+    cls = NODES[name]
+    return getattr(cls(), cls.FUNCTION)(**inputs)
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    (root / "ace_step").mkdir()
+    (root / "ace_step" / "acestep-v1-tiny").symlink_to(TINY_FOLDER)
+    (root / "loras").mkdir()
+    (root / "loras" / "acestep-v1-tiny-lora").symlink_to(TINY_LORA)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def environment(monkeypatch, models_dir, tmp_path_factory):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("offline (the fuzz pass never downloads)")
+
+    monkeypatch.setenv("ACESTEP_MODELS_DIR", str(models_dir))
+    monkeypatch.setenv("ACESTEP_LYRIC_VOCAB", str(VOCAB))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.chdir(tmp_path_factory.getbasetemp())  # files the nodes write (lyric timing) land in a temp folder
+
+
+@pytest.fixture(scope="module")
+def handle(models_dir):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ACESTEP_MODELS_DIR", str(models_dir))
+        # the Loader's fuzzed dtypes load other models: room for them, so that no eviction hides a replaced model
+        mp.setattr(nodes.cache.MODELS, "capacity", max(nodes.cache.MODELS.capacity, len(nodes.cache.MODELS) + 4))
+        yield run("AceStepLoader", checkpoint="ace_step/acestep-v1-tiny", dtype="fp32", device="cpu")[0]
+
+
+def tone(seconds: float = 0.5, rate: int = 44100) -> dict:
+    t = torch.arange(int(seconds * rate)) / rate
+    wave = torch.stack([0.3 * torch.sin(2 * math.pi * f * t) for f in (220.0, 330.0)])
+    return {"waveform": wave[None], "sample_rate": rate}
+
+
+@pytest.fixture(scope="module")
+def valid(handle) -> dict[str, dict]:
+    """A working set of inputs for every fuzzed node (few steps, short songs)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ACESTEP_LYRIC_VOCAB", str(VOCAB))
+        cond = run("AceStepTextEncode", model=handle, tags="rock", lyrics="[verse]\nhello")[0]
+    latent = {"samples": torch.zeros(1, 8, 16, 5), "type": "audio"}  # 0.46 s: shorter than the Empty Latent makes
+    sampler = dict(model=handle, conditioning=cond, latent=latent, seed=1, steps=2, scheduler="euler",
+                   cfg_type="apg", guidance_scale=15.0, omega_scale=10.0)
+    timed = run("AceStepSampler", **sampler, collect_lyric_timing=True)[0]
+    defaults = {name: {k: spec[1]["default"] for k, spec in NODES[name].INPUT_TYPES()["required"].items()
+                       if len(spec) > 1 and "default" in spec[1]} for name in NODES}
+    return {
+        "AceStepLoader": dict(checkpoint="ace_step/acestep-v1-tiny", dtype="fp32", device="cpu", repo_id=""),
+        "AceStepLoraLoader": dict(model=handle, lora_name="acestep-v1-tiny-lora", strength=0.5, honour_alpha=False),
+        "AceStepTextEncode": dict(model=handle, tags="rock", lyrics="[verse]\nhello"),
+        "AceStepEmptyLatent": dict(seconds=1.0, batch_size=1),
+        "AceStepSampler": sampler,
+        "AceStepSamplerOptions": defaults["AceStepSamplerOptions"],
+        "AceStepRepaintRegion": dict(latent=latent, start_seconds=0.1, end_seconds=0.3, variance=0.5),
+        "AceStepExtend": dict(latent=latent, left_seconds=0.0, right_seconds=0.3, variance=1.0),
+        "AceStepAudio2Audio": dict(latent=latent, ref_strength=0.5),
+        "AceStepFlowEdit": dict(model=handle, source_conditioning=cond, target_conditioning=cond, latent=latent,
+                                seed=1, steps=2, guidance_scale=15.0, scheduler="euler", n_min=0.0, n_max=1.0,
+                                n_avg=1),
+        "AceStepEncode": dict(model=handle, audio=tone()),
+        "AceStepDecode": dict(model=handle, latent=latent, sample_rate="44100"),
+        "AceStepPreviewImage": dict(width=256, height=64, start_seconds=0.0, end_seconds=0.0, audio=tone()),
+        "AceStepDownload": dict(repo_id="ACE-Step/ACE-Step-v1-3.5B", target=NODES["AceStepDownload"].INPUT_TYPES()
+                                ["required"]["target"][0][0]),
+        "AceStepLyricTiming": dict(model=handle, latent=timed, threshold=0.5, filename_prefix="fuzz/timing",
+                                   batch_index=0, keep_unsung=False),
+        "AceStepLongForm": {**defaults["AceStepLongForm"], "model": handle, "conditioning": cond, "seconds": 12.0,
+                            "window_seconds": 10.0, "overlap_seconds": 2.0, "steps": 1, "seed": 1},
+        "AceStepStemGenLoader": dict(control_name="none"),
+    }
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    parts = {"transformer": model.transformer, "dcae": model.dcae, "vocoder": model.vocoder, "text": model.text_encoder}
+    return {f"{p}.{k}": v.detach().clone() for p, m in parts.items() for k, v in m.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hostile values per input kind
+
+
+def huge_text() -> st.SearchStrategy[str]:
+    return st.builds(lambda unit, n: unit * n, st.text(ANY_CHARACTER, min_size=1, max_size=4),
+                     st.sampled_from([2_000, 40_000, 300_000]))
+
+
+def text_values() -> st.SearchStrategy:
+    return st.one_of(st.text(ANY_CHARACTER, max_size=40), huge_text(),
+                     st.sampled_from(["", " ", "\x00", "\ud800", "../../etc/passwd", "/etc/passwd", "C:\\x", "1e999"]))
+
+
+def number_values(node: str, name: str, spec: dict, integer: bool) -> st.SearchStrategy:
+    low, high = spec.get("min"), spec.get("max")
+    costly = name in COSTLY_MAXIMA or (node, name) in COSTLY_MAXIMA
+    edges = [low] if costly else [low, high]
+    past = [v for v in (low - 1 if low is not None else None, high + 1 if high is not None else None) if v is not None]
+    if not integer:
+        past += [low - 1e-6 if low is not None else -1e308, high + 1e-6 if high is not None else 1e308]
+    wild = [0, -1, 2**31, 2**63, -(2**63), 10**100, float("nan"), float("inf"), float("-inf"), 1e308, -0.0]
+    fixed = st.sampled_from([v for v in edges + past + wild if v is not None])
+    drawn = st.integers(-10**6, 10**6) if integer else st.floats(allow_nan=True, allow_infinity=True)
+    if costly:  # small legal values and illegal ones only
+        drawn = drawn.filter(lambda v: not (4 < v <= high))
+    return st.one_of(fixed, drawn)
+
+
+def latent_values() -> st.SearchStrategy:
+    shapes = [(0, 8, 16, 5), (1, 8, 16, 0), (1, 4, 64, 64), (65, 8, 16, 2), (4096, 8, 16, 1), (1, 8, 16), (2, 8, 16, 3)]
+    fills = [0.0, float("nan"), float("inf"), 1e30, -1e30]
+    tensors = st.builds(lambda shape, fill: {"samples": torch.full(shape, fill)}, st.sampled_from(shapes),
+                        st.sampled_from(fills))
+    return st.one_of(tensors, st.sampled_from([None, "latent", {}, {"samples": "x"}, torch.zeros(1, 8, 16, 3)]))
+
+
+def audio_values() -> st.SearchStrategy:
+    def audio(shape, fill, rate):
+        return {"waveform": torch.full(shape, fill), "sample_rate": rate}
+
+    shapes = [(1, 2, 0), (1, 2, 5), (1, 0, 100), (2, 100), (1, 8, 2000), (1, 1, 3_600_000)]
+    rates = [44100, 0, -1, 1, 10**9, float("nan"), 8000.5, True]
+    tensors = st.builds(audio, st.sampled_from(shapes), st.sampled_from([0.1, float("nan"), float("inf"), 1e30]),
+                        st.sampled_from(rates))
+    return st.one_of(tensors, st.sampled_from([None, "audio", {}, {"waveform": torch.zeros(1, 2, 100)}]))
+
+
+def input_values(node: str, name: str, spec: tuple) -> st.SearchStrategy | None:
+    kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+    if isinstance(kind, list):
+        return st.one_of(st.sampled_from(kind), text_values()) if kind else text_values()
+    if kind == "STRING":
+        return text_values()
+    if kind == "INT":
+        return number_values(node, name, options, integer=True)
+    if kind == "FLOAT":
+        return number_values(node, name, options, integer=False)
+    if kind == "BOOLEAN":
+        return st.booleans()
+    if kind == "LATENT":
+        return latent_values()
+    if kind == "AUDIO":
+        return audio_values()
+    return None  # our own sockets: only our nodes connect to them
+
+
+def fuzzed_inputs(node: str) -> dict[str, st.SearchStrategy]:
+    types_ = NODES[node].INPUT_TYPES()
+    specs = {**types_.get("required", {}), **types_.get("optional", {})}
+    return {name: s for name, spec in specs.items() if (s := input_values(node, name, spec)) is not None}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the checks
+
+
+class Hang(Exception):
+    """A node call ran past CALL_SECONDS."""
+
+
+@contextmanager
+def time_limit(seconds: int):
+    def expired(signum, frame):
+        raise Hang(f"the call ran past {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def finite(value) -> bool:
+    """Every tensor and float reachable in a node's result is finite."""
+    if isinstance(value, torch.Tensor):
+        return not value.is_floating_point() or bool(torch.isfinite(value).all())
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(finite(v) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return all(finite(v) for v in value)
+    return True
+
+
+def names_the_input(message: str, name: str) -> bool:
+    return name in message
+
+
+def check_one(node: str, base: dict, name: str, value) -> None:
+    inputs = {**base, name: value}
+    try:
+        with time_limit(CALL_SECONDS), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = run(node, **inputs)
+    except NAMED_ERRORS as err:
+        message = str(err)
+        offline = isinstance(err, errors.ModelDownloadError)  # a valid download request, answered offline
+        assert offline or names_the_input(message, name), \
+            f"{node}.{name}={value!r:.80}: the message does not name it: {message}"
+        assert "Traceback" not in message and len(message) < 4000
+    except Hang:
+        pytest.fail(f"{node}.{name}={value!r:.80} ran past {CALL_SECONDS} s")
+    else:
+        assert finite(result), f"{node}.{name}={value!r:.80}: a non-finite result"
+
+
+FUZZED = [n for n in NODES if n not in SKIPPED_NODES]
+
+
+@pytest.mark.parametrize("node", FUZZED)
+def test_every_input_of_every_node_refuses_or_works(node, handle, valid):
+    model = model_mod.model_for(handle)
+    model_mod.transformer_for(handle)
+    before = snapshot(model)
+    strategies = fuzzed_inputs(node)
+    assert strategies, f"{node} has no input to fuzz"
+    examples = min(MAX_EXAMPLES.get(node, 40), 4 * len(strategies) + 6)
+
+    @settings(max_examples=examples, deadline=None, database=None, derandomize=True,  # the same examples in CI
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
+    @given(data=st.data())
+    def fuzz(data):
+        name = data.draw(st.sampled_from(sorted(strategies)), label="input")
+        value = data.draw(strategies[name], label=name)
+        check_one(node, valid[node], name, value)
+
+    fuzz()
+    assert model_mod.model_for(handle) is model, "the cached model was replaced or reloaded"
+    model_mod.transformer_for(handle)  # base weights (a fuzzed LoRA strength stays applied until a run without it)
+    now = snapshot(model)
+    changed = [k for k in now if not torch.equal(now[k], before[k])]
+    assert not changed, f"weights changed: {changed[:5]}"
