@@ -28,7 +28,7 @@ def write_audio(path: str | Path, waveform: torch.Tensor, sample_rate: int, audi
     path = Path(path)
     fmt = audio_format or format_of(path)
     if fmt not in AUDIO_FORMATS:
-        raise ValueError(f"format must be one of {AUDIO_FORMATS}, got {fmt!r}")
+        raise ValueError(f"format must be one of {AUDIO_FORMATS}, got {fmt!r:.200}")
     if waveform.ndim != 2:
         raise ValueError(f"write_audio takes [channels, samples], got {tuple(waveform.shape)}")
     data = waveform.detach().to("cpu", torch.float32)

@@ -137,8 +137,8 @@ class Setup:
     def __init__(self, args: argparse.Namespace):
         from .cli import _text
 
-        self.tags = _text(args.tags)
-        self.lyrics = _text(args.lyrics)
+        self.tags = _text(args.tags, "tags")
+        self.lyrics = _text(args.lyrics, "lyrics")
         from .cli_tasks import MAX_LONG_SECONDS, check
 
         check(args)
@@ -153,8 +153,8 @@ class Setup:
             self.duration = float(soundfile.info(args.src_audio or args.ref_audio).duration)
         self.variance = float(args.variance) if args.variance is not None else app.variance_for(args.task)
         self.use_erg_lyric = bool(args.erg_lyric) and not args.no_erg_lyric
-        self.edit_tags, self.edit_lyrics = app.edit_texts(self.tags, self.lyrics, _text(args.edit_tags),
-                                                          _text(args.edit_lyrics))
+        self.edit_tags, self.edit_lyrics = app.edit_texts(self.tags, self.lyrics, _text(args.edit_tags, "edit tags"),
+                                                          _text(args.edit_lyrics, "edit lyrics"))
         self.edit_n_min, self.edit_n_max = app.edit_range(args.edit_type, args.edit_n_min, args.edit_n_max)
         listed = seed_list(args.seed, "--seed")
         if listed and len(listed) > 1 and int(args.batch_size) == 1:

@@ -73,7 +73,7 @@ def edit_range(edit_type: str, n_min: float, n_max: float) -> tuple[float, float
     if edit_type == "custom":
         return float(n_min), float(n_max)
     if edit_type not in EDIT_TYPES:
-        raise ValueError(f"edit_type must be one of {(*EDIT_TYPES, 'custom')}, got {edit_type!r}")
+        raise ValueError(f"edit_type must be one of {(*EDIT_TYPES, 'custom')}, got {edit_type!r:.200}")
     return EDIT_TYPES[edit_type]
 
 
@@ -105,12 +105,12 @@ def parse_seed_list(text: Any, name: str = "seeds") -> list[int] | None:
             values = [int(p) for p in parts]
         except ValueError:
             raise ValueError(f"{name} must be whole numbers separated by commas, e.g. '1,2,3,4'; "
-                             f"got {text!r}") from None
+                             f"got {text!r:.200}") from None
     if not values:
         return None
     for v in values:
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_SEED:
-            raise ValueError(f"{name}: {v!r} is not a seed in [0, {MAX_SEED}]")
+            raise ValueError(f"{name}: {v!r:.200} is not a seed in [0, {MAX_SEED}]")
     return values
 
 
@@ -124,7 +124,7 @@ def seeds_for_batch(seeds: list[int], batch: int, name: str = "seeds") -> list[i
 def resolve_duration(seconds: float, rng: random.Random | None = None, *, maximum: float = 240.0) -> float:
     """Seconds of a new song; -1 draws a random length in 30-240 s as the app (its ``__call__``)."""
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
-        raise ValueError(f"duration must be a number of seconds (or -1 for random), got {seconds!r}")
+        raise ValueError(f"duration must be a number of seconds (or -1 for random), got {seconds!r:.200}")
     if seconds == -1:
         return (rng or random).uniform(*RANDOM_DURATION)
     if seconds <= 0:
@@ -178,19 +178,19 @@ def check_params(data: Any, where: str = "parameter file") -> dict:
     for key in _NUMBERS:
         v = out.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-            raise ValueError(f"{where}: '{key}' must be a number, got {v!r}")
+            raise ValueError(f"{where}: '{key}' must be a number, got {v!r:.200}")
     for key in _INTS:
         v = out.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 1):
-            raise ValueError(f"{where}: '{key}' must be a whole number >= 1, got {v!r}")
+            raise ValueError(f"{where}: '{key}' must be a whole number >= 1, got {v!r:.200}")
     for key in _BOOLS:
         v = out.get(key)
         if v is not None and not isinstance(v, bool):
-            raise ValueError(f"{where}: '{key}' must be true or false, got {v!r}")
+            raise ValueError(f"{where}: '{key}' must be true or false, got {v!r:.200}")
     for key in _STRINGS:
         v = out.get(key)
         if v is not None and not isinstance(v, str):
-            raise ValueError(f"{where}: '{key}' must be text or null, got {v!r}")
+            raise ValueError(f"{where}: '{key}' must be text or null, got {v!r:.200}")
     for key in ("actual_seeds", "retake_seeds"):
         if out.get(key) is not None:
             out[key] = parse_seed_list(out[key], f"{where}: '{key}'")
@@ -199,13 +199,13 @@ def check_params(data: Any, where: str = "parameter file") -> dict:
         if isinstance(oss, str):
             oss = [p for p in oss.replace(",", " ").split()]
         if not isinstance(oss, list) or not all(isinstance(s, (int, str)) and str(s).strip().isdigit() for s in oss):
-            raise ValueError(f"{where}: 'oss_steps' must be a list of whole numbers, got {out['oss_steps']!r}")
+            raise ValueError(f"{where}: 'oss_steps' must be a list of whole numbers, got {out['oss_steps']!r:.200}")
         out["oss_steps"] = [int(s) for s in oss]
     task = out.get("task", "text2music")
     if task not in TASKS:
-        raise ValueError(f"{where}: 'task' must be one of {TASKS}, got {task!r}")
+        raise ValueError(f"{where}: 'task' must be one of {TASKS}, got {task!r:.200}")
     if out.get("format") is not None and out["format"] not in AUDIO_FORMATS:
-        raise ValueError(f"{where}: 'format' must be one of {AUDIO_FORMATS}, got {out['format']!r}")
+        raise ValueError(f"{where}: 'format' must be one of {AUDIO_FORMATS}, got {out['format']!r:.200}")
     return out
 
 

@@ -28,5 +28,5 @@ def preset_tags(preset: str, tags: str) -> str:
     if preset == CUSTOM:
         return tags
     if preset not in GENRE_PRESETS:
-        raise ValueError(f"preset must be one of {PRESET_NAMES}, got {preset!r}")
+        raise ValueError(f"preset must be one of {PRESET_NAMES}, got {preset!r:.200}")
     return GENRE_PRESETS[preset]

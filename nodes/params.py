@@ -43,12 +43,17 @@ def params_files() -> list[str]:
 
 
 def _params_path(name: str) -> Path:
+    if not isinstance(name, str) or "\x00" in name or len(name) > 1024:
+        raise ValueError(f"params_file must be a file name from the list (at most 1024 characters), got {name!r:.80}")
     root = input_folder().resolve()
-    path = (root / name).resolve()
+    try:
+        path = (root / name).resolve()
+    except OSError as err:
+        raise ValueError(f"params_file {name!r:.80} is not a usable file name ({err.strerror})") from None
     if root not in path.parents:
-        raise ValueError(f"params_file {name!r} points outside the input folder; pick a file from the list")
+        raise ValueError(f"params_file {name!r:.200} points outside the input folder; pick a file from the list")
     if not path.is_file():
-        raise ValueError(f"params_file {name!r} is not in {root}; upload the *_input_params.json (the upload button)")
+        raise ValueError(f"params_file {name!r:.200} is not in {root}; upload the *_input_params.json (the upload button)")
     return path
 
 
@@ -150,7 +155,7 @@ def _next_path(prefix: str, suffix: str) -> Path:
     root = output_folder().resolve()
     target = (root / prefix).resolve()
     if root not in target.parents:
-        raise ValueError(f"filename_prefix {prefix!r} points outside the output folder; use a relative name")
+        raise ValueError(f"filename_prefix {prefix!r:.200} points outside the output folder; use a relative name")
     target.parent.mkdir(parents=True, exist_ok=True)
     pattern = re.compile(re.escape(target.name) + r"_(\d{5})_(?:.*)")
     taken = [int(m.group(1)) for p in target.parent.iterdir() if (m := pattern.fullmatch(p.name))]
@@ -195,8 +200,8 @@ class AceStepSaveAudio:
     def save(self, audio: dict, filename_prefix: str, format: str, write_params: bool = True):
         waveform, rate = wire.check_audio(audio, "audio")
         if format not in app.AUDIO_FORMATS:
-            raise ValueError(f"format must be one of {app.AUDIO_FORMATS}, got {format!r}")
-        prefix = filename_prefix.strip() or "acestep/song"
+            raise ValueError(f"format must be one of {app.AUDIO_FORMATS}, got {format!r:.200}")
+        prefix = wire.check_filename_prefix(filename_prefix).strip() or "acestep/song"
         records = audio.get(PARAMS_KEY) if isinstance(audio.get(PARAMS_KEY), list) else None
         first = _next_path(prefix, f"1.{format}")
         stem = first.name[: -len(f"1.{format}")]

@@ -15,7 +15,7 @@ import torch
 from ..acestep_core.conditioning import Conditioning
 from ..acestep_core.lyric_timing import DEFAULT_THRESHOLD, LyricAttention, align_lyrics, collect_lyric_attention, to_lrc
 from ..acestep_core.preview import draw_alignment
-from . import bridge
+from . import bridge, wire
 from .model import ModelHandle, model_for
 from .wire import CATEGORY, MODEL
 
@@ -48,8 +48,7 @@ def timing_of(latent) -> LyricAttention:
 
 def save_text(prefix: str, suffix: str, text: str) -> Path:
     """Write `text` to <output>/<prefix>_NNNNN<suffix> with the next free number; the prefix may hold folders."""
-    if "\x00" in prefix or len(prefix) > 200:
-        raise ValueError(f"filename_prefix must be a file name of at most 200 characters without NUL, got {prefix!r:.80}")
+    wire.check_filename_prefix(prefix)
     root = bridge.output_folder().resolve()
     target = (root / prefix).resolve()
     if root not in target.parents:

@@ -40,6 +40,13 @@ MAX_SAMPLE_RATE = 768_000  # the highest rate audio files use
 MAX_REGION_SECONDS = 840.0  # validation.MAX_REGION_SECONDS: a 10-minute source and one 240 s extension
 
 
+def check_filename_prefix(prefix: str, name: str = "filename_prefix") -> str:
+    """A file-name prefix a node writes under: text of at most 200 characters without NUL."""
+    if not isinstance(prefix, str) or "\x00" in prefix or len(prefix) > 200:
+        raise ValueError(f"{name} must be a file name of at most 200 characters without NUL, got {prefix!r:.80}")
+    return prefix
+
+
 def samples_of(latent: Any, name: str = "latent") -> torch.Tensor:
     """The [B, 8, 16, T] samples of an ACE-Step LATENT, with a clear error for anything else."""
     if not isinstance(latent, dict) or "samples" not in latent:

@@ -228,7 +228,7 @@ def test_inside_comfyui_low_vram_has_comfyui_load_each_phase_and_moves_no_weight
     requests.clear()
     (cond,) = run("AceStepTextEncode", model=handle, tags="pop", lyrics="")
     requests.clear()
-    run("AceStepLongForm", model=handle, conditioning=cond, seconds=3.0, window_seconds=2.0, overlap_seconds=0.5,
+    run("AceStepLongForm", model=handle, conditioning=cond, seconds=14.0, window_seconds=10.0, overlap_seconds=2.0,
         seed=3, steps=1, scheduler="euler", cfg_type="apg", guidance_scale=1.0, omega_scale=10.0,
         sample_rate="44100")
     transformer, decoder = ["Transformer"], ["DCAE", "Vocoder"]

@@ -88,7 +88,7 @@ def tone(seconds: float = 0.5, rate: int = 44100) -> dict:
 
 
 @pytest.fixture(scope="module")
-def valid(handle) -> dict[str, dict]:
+def valid(handle, tmp_path_factory) -> dict[str, dict]:
     """A working set of inputs for every fuzzed node (few steps, short songs)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ACESTEP_LYRIC_VOCAB", str(VOCAB))
@@ -122,7 +122,20 @@ def valid(handle) -> dict[str, dict]:
         "AceStepLongForm": {**defaults["AceStepLongForm"], "model": handle, "conditioning": cond, "seconds": 12.0,
                             "window_seconds": 10.0, "overlap_seconds": 2.0, "steps": 1, "seed": 1},
         "AceStepStemGenLoader": dict(control_name="none"),
+        "AceStepLoadParams": dict(params_file=official_params_file(tmp_path_factory.getbasetemp())),
+        "AceStepSaveAudio": dict(audio=tone(), filename_prefix="fuzz/save", format="wav", write_params=True),
+        "AceStepGenrePreset": dict(preset="Custom", tags="rock"),
     }
+
+
+def official_params_file(workdir: Path) -> str:
+    """An official parameter file in <workdir>/input (the nodes' input folder outside ComfyUI is ./input, and the
+    fuzzed calls run in `workdir`)."""
+    source = sorted((Path(__file__).parent / "data" / "app").glob("*_input_params.json"))[0]
+    folder = workdir / "input"
+    folder.mkdir(exist_ok=True)
+    (folder / source.name).write_bytes(source.read_bytes())
+    return source.name
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
