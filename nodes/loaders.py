@@ -83,7 +83,7 @@ class AceStepLoader:
         else:
             path = repo_path(repo_id) if repo_id else files.resolve("checkpoint", checkpoint, files.checkpoints())
         if v15.is_path(path):  # told apart by the weights
-            return v15.load(path, choose_dtype(dtype, target), target, make_key)
+            return v15.load(path, choose_dtype(dtype, target), target)
         key = make_key(path, choose_dtype(dtype, target), target)
         return (ModelHandle(key, model=model_for(ModelHandle(key), components=())),)
 

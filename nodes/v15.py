@@ -28,10 +28,12 @@ from ..acestep_core.v15 import hub
 from ..acestep_core.v15 import pipeline as P
 from ..acestep_core.v15.generate import MAX_SEED, SamplerOptions
 from ..acestep_core.v15.loading import checkpoint_family
+from ..acestep_core.v15.tasks import HANDLER_REPAINT_CROSSFADE_FRAMES, HANDLER_REPAINT_INJECTION_RATIO
 from ..acestep_core.v15.prompts import (NOT_GIVEN, TRACK_NAMES, VALID_KEYSCALES, VALID_LANGUAGES,
                                         VALID_TIME_SIGNATURES, build_prompts)
 from . import bridge, comfy_models
-from .cache import MODELS, ModelKey
+from . import model as v1_model
+from .cache import ModelKey
 from .wire import CATEGORY, COND, MODEL
 
 MARK = "acestep15"
@@ -44,7 +46,7 @@ V15_ONLY = "Applies to ACE-Step 1.5 models only (v1 ignores it)."
 KEYSCALES = (NOT_GIVEN, *VALID_KEYSCALES)
 TIME_SIGNATURES = (NOT_GIVEN, *VALID_TIME_SIGNATURES)
 SCHEDULERS = {"euler": "euler", "heun": "heun"}
-GUIDANCES = {"apg": "apg", "cfg": "cfg"}
+GUIDANCES = {"apg": "apg"}  # the official base guidance; v1's cfg and cfg_star have no 1.5 counterpart
 
 
 # ------------------------------------------------------------------------------------------------ values
@@ -144,17 +146,19 @@ def bundle_for(handle: Model15Handle, components=comfy_models.ALL_15) -> P.Bundl
     loaded by ComfyUI's memory manager on the handle's device."""
     handle = _handle(handle)
     key = handle.key
-    bundle = MODELS.get(key, lambda: handle.model if handle.model is not None else _load(key, None))
-    comfy_models.use(bundle, torch.device(key.device), components, lambda loaded: MODELS.release(key, loaded),
+    models = v1_model.MODELS  # the pack's one model cache, shared with v1 models
+    bundle = models.get(key, lambda: handle.model if handle.model is not None else _load(key, None))
+    comfy_models.use(bundle, torch.device(key.device), components, lambda loaded: models.release(key, loaded),
                      table=comfy_models.COMPONENTS_15)
     return bundle
 
 
-def load(path: Path, dtype: torch.dtype, device: torch.device, make_key) -> tuple:
-    """The Loader's 1.5 branch: a handle holding the loaded bundle."""
-    key = make_key(path, dtype, device)
-    bundle = MODELS.get(key, lambda: _load(key, None))
-    comfy_models.use(bundle, torch.device(key.device), (), lambda loaded: MODELS.release(key, loaded),
+def load(path: Path, dtype: torch.dtype, device: torch.device) -> tuple:
+    """The Loader's 1.5 branch: a handle holding the loaded bundle (cached under the same kind of key as v1)."""
+    key = v1_model.make_key(path, dtype, device)
+    models = v1_model.MODELS
+    bundle = models.get(key, lambda: _load(key, None))
+    comfy_models.use(bundle, torch.device(key.device), (), lambda loaded: models.release(key, loaded),
                      table=comfy_models.COMPONENTS_15)
     return (Model15Handle(key, bundle.variant, bundle),)
 
@@ -217,7 +221,8 @@ def _seed(seed) -> int:
 def options(bundle: P.Bundle15, steps: int, guidance_scale: float, shift: float = 0.0, scheduler: str = "euler",
             cfg_type: str = "apg") -> SamplerOptions:
     """The node widgets as 1.5 sampler options: turbo runs its fixed 8-step table (steps must be 8), base/sft run
-    `steps` with guidance; shift 0 = the variant's official default (turbo 3, base 1)."""
+    `steps` with guidance; shift 0 = the variant's official default (turbo 3, base 1); repaint and lego use the
+    handler's step injection 0.5 and 12-frame crossfade (what `pipeline.run` uses without options)."""
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {tuple(SCHEDULERS)} for an ACE-Step 1.5 model, got {scheduler!r}")
     if cfg_type not in GUIDANCES:
@@ -231,7 +236,9 @@ def options(bundle: P.Bundle15, steps: int, guidance_scale: float, shift: float 
         raise ValueError(f"shift must be 0 (the model's default) or a number in (0, 100], got {shift!r}")
     return SamplerOptions(variant=bundle.variant, steps=None if bundle.variant == "turbo" else steps,
                           shift=None if shift == 0 else float(shift), guidance_scale=float(guidance_scale),
-                          guidance=GUIDANCES[cfg_type], sampler=SCHEDULERS[scheduler]).validate()
+                          guidance=GUIDANCES[cfg_type], sampler=SCHEDULERS[scheduler],
+                          repaint_injection_ratio=HANDLER_REPAINT_INJECTION_RATIO,
+                          repaint_crossfade_frames=HANDLER_REPAINT_CROSSFADE_FRAMES).validate()
 
 
 def _progress(steps_total: int):
@@ -427,7 +434,7 @@ def _common_inputs(source_tip: str) -> dict:
 
 
 class _TaskNode:
-    CATEGORY = CATEGORY + "/1.5"
+    CATEGORY = CATEGORY
     FUNCTION = "generate"
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
@@ -539,7 +546,7 @@ class AceStep15Complete(_TaskNode):
 class AceStep15EmptyLatent:
     DESCRIPTION = ("An empty ACE-Step 1.5 latent of a given duration (the same as ComfyUI's Empty Ace Step 1.5 "
                    "Latent Audio); the sampler turns it into a new song.")
-    CATEGORY = CATEGORY + "/1.5"
+    CATEGORY = CATEGORY
     FUNCTION = "make"
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
