@@ -75,6 +75,14 @@ def widget_names(class_type: str) -> list[str | None]:
     return names
 
 
+def optional_widgets(class_type: str) -> set[str | None]:
+    """The optional widget inputs of a pack node (None stands for a seed's control_after_generate slot)."""
+    if class_type in NATIVE_WIDGETS:
+        return set()
+    optional = NODES[class_type].INPUT_TYPES().get("optional", {})
+    return {None} | {name for name, (kind, _) in optional.items() if isinstance(kind, list) or kind in WIDGET_TYPES}
+
+
 def ui_to_api(ui: dict) -> dict:
     """The API prompt a UI graph describes (simple graphs: no reroutes, groups nodes or subgraphs)."""
     links = {link[0]: link for link in ui["links"]}
@@ -84,7 +92,11 @@ def ui_to_api(ui: dict) -> dict:
             continue
         names = widget_names(node["type"])
         values = node.get("widgets_values", [])
-        assert len(values) == len(names), f"node {node['id']} {node['type']}: widgets_values {values} vs {names}"
+        # a graph saved before optional widgets were appended to a node (e.g. Text Encode's 1.5 fields) stores
+        # fewer values; the editor gives the missing trailing ones their defaults
+        missing = names[len(values):]
+        assert len(values) <= len(names) and set(missing) <= optional_widgets(node["type"]), (
+            f"node {node['id']} {node['type']}: widgets_values {values} vs {names}")
         inputs = {name: value for name, value in zip(names, values) if name}
         for slot, entry in enumerate(node.get("inputs", [])):
             if entry.get("link") is None:
