@@ -120,7 +120,8 @@ def _latent(latent, name: str = "latent") -> torch.Tensor:
         raise ValueError(f"{name} is not an ACE-Step 1.5 latent [batch, {CHANNELS}, frames] (got {shape}); make it "
                          "with ACE-Step 1.5 Empty Latent or ACE-Step Encode Audio on a 1.5 model")
     samples = latent["samples"]
-    if not samples.is_floating_point() or samples.shape[0] < 1 or samples.shape[-1] < 1 or not torch.isfinite(samples).all():
+    if not samples.is_floating_point() or samples.shape[0] < 1 or samples.shape[-1] < 1 \
+            or not torch.isfinite(samples).all():
         raise ValueError(f"{name} must be a non-empty latent with finite values")
     if samples.shape[-1] > MAX_SECONDS * LATENT_RATE:
         raise ValueError(f"{name} is longer than {MAX_SECONDS:.0f} s; ACE-Step 1.5 takes at most that")
@@ -136,6 +137,7 @@ def _wrap(latents: torch.Tensor, frames: int) -> dict:
 # ------------------------------------------------------------------------------------------------ model
 def _load(key: ModelKey, variant: str | None) -> P.Bundle15:
     device = bridge.staging_device(torch.device(key.device))
+    bridge.free_memory(v1_model._weights_bytes(Path(key.path)), device)  # as for a v1 model (nodes/model.py)
     progress = bridge.Progress(3)
     return hub.load_bundle15(key.path, variant=variant, dtype=getattr(torch, key.dtype), device=device,
                              progress=lambda name, done, total: progress.update(done, total))

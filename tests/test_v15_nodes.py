@@ -16,7 +16,7 @@ import torch
 
 from conftest import TINY, VOCAB
 from pack_loader import load_pack
-from test_comfy_memory import comfy  # noqa: F401  (the ComfyUI memory-manager stand-in fixture)
+from test_comfy_memory import comfy  # noqa: F401,F811  (the ComfyUI memory-manager stand-in fixture)
 from tiny15 import BASE, MAIN, write_tiny15
 
 pack = load_pack()

@@ -55,7 +55,8 @@ SAMPLES_PER_FRAME = 4096
 # keeps its fixed 8 steps; base tasks run 2 steps.
 V15_TASKS = ("text2music", "cover", "repaint", "lego", "extract", "complete")
 TINY_PROFILE_15 = {
-    **{k: v for k, v in TINY_PROFILE.items() if k not in {("AceStepLoader", "checkpoint"), ("AceStepSampler", "steps")}},
+    **{k: v for k, v in TINY_PROFILE.items()
+       if k not in {("AceStepLoader", "checkpoint"), ("AceStepSampler", "steps")}},
     ("AceStep15EmptyLatent", "seconds"): 2.0,
     ("AceStep15Lego", "steps"): 2,
     ("AceStep15Extract", "steps"): 2,
@@ -312,5 +313,6 @@ def test_15_workflow_runs_and_makes_audio(name, tiny15_dir, monkeypatch):
         assert audio["sample_rate"] == rate == 48000 and waveform.dtype == torch.float32
         assert waveform.shape == (1, 2, latent.shape[-1] * 1920) and torch.isfinite(waveform).all()
         assert waveform.pow(2).mean().sqrt() > 1e-4, "silent output"
-        seconds = TINY_PROFILE_15[("AceStep15EmptyLatent", "seconds")] if name.endswith("text2music") else SOURCE_SECONDS
+        new_song = name.endswith("text2music")
+        seconds = TINY_PROFILE_15[("AceStep15EmptyLatent", "seconds")] if new_song else SOURCE_SECONDS
         assert latent.shape[-1] == round(seconds * 25), "the result has the length the task promises"
