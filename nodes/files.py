@@ -20,7 +20,7 @@ from . import bridge
 
 CHECKPOINT_FOLDERS = tuple(LAYOUTS[c].folder for c in ALL_COMPONENTS)
 CHECKPOINT_MARKERS = (b'"model.diffusion_model.genre_embedder.weight"',)
-LORA_MARKERS = (b".lora_A.", b".lora_down.", b'"lora_unet_')
+LORA_MARKERS = (b".lora_A.", b".lora_down.", b'"lora_unet_', b".lokr_w1")  # LoKr: ACE-Step 1.5 (LyCORIS)
 MAX_DEPTH = 4
 
 

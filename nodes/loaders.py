@@ -116,14 +116,15 @@ class AceStepLoraLoader:
                     "default": False,
                     "tooltip": "Off (official app and ComfyUI): apply strength x B.A and ignore the file's alpha. "
                                "On: apply the training scale alpha/r (alpha/sqrt(r) for rsLoRA) as well. Must be the "
-                               "same on every stacked LoRA loader.",
+                               "same on every stacked LoRA loader. ACE-Step 1.5 models always apply the file's "
+                               "scale, as the official 1.5 handler does.",
                 }),
             },
         }
 
     def load(self, model: ModelHandle, lora_name: str, strength: float, honour_alpha: bool):
-        if v15.is_handle(model):
-            raise ValueError("model is an ACE-Step 1.5 model; this LoRA loader applies ACE-Step v1 LoRAs only")
+        if v15.is_handle(model):  # ACE-Step 1.5 LoRA / LoKr (nodes/v15.py)
+            return v15.with_lora(model, files.resolve("lora_name", lora_name, files.loras()), strength)
         if not isinstance(model, ModelHandle):
             raise ValueError(f"model must come from the ACE-Step Loader node, got {type(model).__name__}")
         if strength == 0:

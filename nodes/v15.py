@@ -17,8 +17,9 @@ On the wire (the same as ComfyUI's own ACE-Step 1.5 nodes, EmptyAceStep1.5Latent
 """
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from ..acestep_core.v15 import hub
 from ..acestep_core.v15 import pipeline as P
 from ..acestep_core.v15.generate import MAX_SEED, SamplerOptions
 from ..acestep_core.v15.loading import checkpoint_family
+from ..acestep_core.v15.lora import ensure_adapters, load_adapter_file
 from ..acestep_core.v15.tasks import HANDLER_REPAINT_CROSSFADE_FRAMES, HANDLER_REPAINT_INJECTION_RATIO
 from ..acestep_core.v15.prompts import (NOT_GIVEN, TRACK_NAMES, VALID_KEYSCALES, VALID_LANGUAGES,
                                         VALID_TIME_SIGNATURES, build_prompts)
@@ -57,6 +59,7 @@ class Model15Handle:
     key: ModelKey
     variant: str = "turbo"
     model: object = field(default=None, compare=False, repr=False)  # holds the bundle while ComfyUI caches it
+    loras: tuple = ()  # (Adapters15, strength) pairs, applied to the DiT just before it runs
 
     family = "1.5"
 
@@ -153,6 +156,26 @@ def bundle_for(handle: Model15Handle, components=comfy_models.ALL_15) -> P.Bundl
     comfy_models.use(bundle, torch.device(key.device), components, lambda loaded: models.release(key, loaded),
                      table=comfy_models.COMPONENTS_15)
     return bundle
+
+
+@functools.lru_cache(maxsize=8)
+def _read_lora(path: str, version: tuple):
+    return load_adapter_file(path)
+
+
+def with_lora(model, path: Path, strength: float) -> tuple:
+    """The LoRA Loader's 1.5 branch: a new handle with one more LoRA/LoKr (official PEFT folder or file, LyCORIS
+    LoKr, ComfyUI names; acestep_core/v15/lora.py). The scale is always the file's own (PEFT lora_alpha / r), as
+    the official 1.5 handler applies it."""
+    handle = _handle(model)
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        raise ValueError(f"strength must be a finite number, got {strength!r}")
+    if strength == 0:
+        return (handle,)
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + sorted(path.glob("*.json"))
+    version = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+    adapters = _read_lora(str(path), version)
+    return (replace(handle, loras=handle.loras + ((adapters, float(strength)),)),)
 
 
 def load(path: Path, dtype: torch.dtype, device: torch.device) -> tuple:
@@ -257,6 +280,7 @@ def _progress(steps_total: int):
 
 def _run(handle: Model15Handle, task: str, cond: Cond15, seed: int, batch_size: int, opts_args: dict, **kw):
     bundle = bundle_for(handle)
+    ensure_adapters(bundle.model, list(handle.loras))  # exactly this handle's LoRAs (none: the base weights)
     opts = options(bundle, **opts_args)
     with torch.no_grad():
         return P.run(bundle, task, cond.caption, cond.lyrics, **_text(cond), seed=_seed(seed),

@@ -282,6 +282,39 @@ def test_stemgen_and_singing2accompaniment_run_lego_and_complete_on_a_1_5_model(
         run("AceStepStemGen", model=base, reference=tone(), instrument="bass", stemgen=object(), **settings)
 
 
+# ------------------------------------------------------------------------------------------------ LoRA
+def test_lora_loader_applies_a_1_5_lora_and_the_base_handle_gets_the_base_weights(turbo, models_dir):
+    from test_v15_lora import peft_lora, write_peft_folder
+
+    lora15 = sys.modules[f"{pack.__name__}.acestep_core.v15.lora"]
+    bundle = v15.bundle_for(turbo)
+    folder = models_dir / "loras" / "tiny15-lora"
+    if not folder.exists():
+        write_peft_folder(folder, peft_lora(bundle.model), rank=4, alpha=8)
+    name = "loras/tiny15-lora/adapter_model.safetensors"
+    assert name in files.loras()
+    (with_lora,) = run("AceStepLoraLoader", model=turbo, lora_name=name, strength=0.7, honour_alpha=False)
+    assert with_lora.key == turbo.key and len(with_lora.loras) == 1 and turbo.loras == ()
+    cond = encode(turbo)
+    (latent,) = run("AceStep15EmptyLatent", seconds=1.0, batch_size=1)
+    (base_out,) = run("AceStepSampler", model=turbo, conditioning=cond, latent=latent, **TURBO)
+    (lora_out,) = run("AceStepSampler", model=with_lora, conditioning=cond, latent=latent, **TURBO)
+    try:
+        lora15.ensure_adapters(bundle.model, [(lora15.load_adapter_file(folder), 0.7)])
+        want = P.run(bundle, "text2music", cond.caption, cond.lyrics, frames=25, seed=4, decode=False)
+    finally:
+        lora15.ensure_adapters(bundle.model, [])
+    assert torch.equal(lora_out["samples"], cut(want, 25)) and not torch.equal(lora_out["samples"],
+                                                                                base_out["samples"])
+    (again,) = run("AceStepSampler", model=turbo, conditioning=cond, latent=latent, **TURBO)
+    assert torch.equal(again["samples"], base_out["samples"])  # the base handle runs the exact base weights
+    assert run("AceStepLoraLoader", model=turbo, lora_name=name, strength=0.0, honour_alpha=False)[0] is turbo
+    with pytest.raises(ValueError, match="LoRA does not match this ACE-Step 1.5 model"):
+        bad = run("AceStepLoraLoader", model=turbo, lora_name="acestep-v1-tiny-lora", strength=1.0,
+                  honour_alpha=False)[0]
+        run("AceStepSampler", model=bad, conditioning=cond, latent=latent, **TURBO)
+
+
 # ------------------------------------------------------------------------------------------------ bad inputs
 def test_bad_inputs_name_the_input(turbo, base, v1):
     cond = encode(turbo)
@@ -296,8 +329,6 @@ def test_bad_inputs_name_the_input(turbo, base, v1):
         run("AceStep15Cover", model=v1, conditioning=cond, source=tone(), audio_cover_strength=1.0, **TASK)
     with pytest.raises(ValueError, match="model is an ACE-Step 1.5 model; this node runs ACE-Step v1"):
         model_mod.transformer_for(turbo)  # what Flow Edit, Long Form and the other v1-only nodes call first
-    with pytest.raises(ValueError, match="ACE-Step 1.5 model; this LoRA loader"):
-        run("AceStepLoraLoader", model=turbo, lora_name="acestep-v1-tiny-lora", strength=1.0, honour_alpha=False)
     v1_cond = encode(v1)
     with pytest.raises(ValueError, match="conditioning was not encoded for an ACE-Step 1.5 model"):
         run("AceStepSampler", model=turbo, conditioning=v1_cond, latent=latent, **TURBO)
