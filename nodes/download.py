@@ -153,8 +153,8 @@ class AceStepDownload:
                 "repo_id": ("STRING", {
                     "default": DEFAULT_REPO,
                     "tooltip": f"Hugging Face repo id: {DEFAULT_REPO} (the model, about 8 GB) or {LORA_REPO} (the "
-                               "official rap LoRA); ACE-Step 1.5: ACE-Step/Ace-Step1.5 (turbo, VAE, text encoder) or a 1.5 DiT "
-                               "repo such as ACE-Step/acestep-v15-base (brings Ace-Step1.5 along).",
+                               "official rap LoRA); ACE-Step 1.5: ACE-Step/Ace-Step1.5 (turbo, VAE, text encoder) "
+                               "or a 1.5 DiT repo such as ACE-Step/acestep-v15-base (brings Ace-Step1.5 along).",
                 }),
                 "target": (list(TARGETS), {
                     "default": bridge.ACE_STEP_CATEGORY,
@@ -172,7 +172,8 @@ class AceStepDownload:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
         if v15.is_repo(repo_id):  # a known ACE-Step 1.5 repo
             if target != bridge.ACE_STEP_CATEGORY:
-                raise ValueError(f"{repo_id} is an ACE-Step 1.5 checkpoint; set target to {bridge.ACE_STEP_CATEGORY}")
+                raise ValueError(f"{repo_id} is an ACE-Step 1.5 checkpoint; set target to "
+                                 f"{bridge.ACE_STEP_CATEGORY}")
             return v15.download(repo_id)
         path = fetch_repo(repo_id, target)
         return {"ui": {"text": [str(path)]}, "result": (str(path),)}

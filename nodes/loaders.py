@@ -25,8 +25,8 @@ def repo_path(repo_id: str) -> Path:
 class AceStepLoader:
     DESCRIPTION = (
         "Loads an ACE-Step v1 checkpoint (Hugging Face folder from models/ace_step, or the all-in-one file from "
-        "models/checkpoints) or an ACE-Step 1.5 folder (told apart by the weights). The model stays cached and is shared by every loader with the same checkpoint, dtype "
-        "and device."
+        "models/checkpoints) or an ACE-Step 1.5 folder (told apart by the weights). The model stays cached and is "
+        "shared by every loader with the same checkpoint, dtype and device."
     )
     CATEGORY = CATEGORY
     FUNCTION = "load"
@@ -41,8 +41,9 @@ class AceStepLoader:
                 "checkpoint": (sorted(files.checkpoints()), {
                     "tooltip": "ACE-Step v1 checkpoint: a folder with ace_step_transformer/, music_dcae_f8c8/, "
                                "music_vocoder/, umt5-base/ in models/ace_step, or ace_step_v1_3.5b.safetensors in "
-                               "models/checkpoints; or ACE-Step 1.5: the Ace-Step1.5 folder (vae/, Qwen3-Embedding-0.6B/, "
-                               "acestep-v15-turbo/) or a DiT folder such as acestep-v15-base beside it.",
+                               "models/checkpoints; or ACE-Step 1.5: the Ace-Step1.5 folder (vae/, "
+                               "Qwen3-Embedding-0.6B/, acestep-v15-turbo/) or a DiT folder such as acestep-v15-base "
+                               "beside it.",
                 }),
                 "dtype": (["auto", *DTYPES], {
                     "default": "auto",
@@ -58,8 +59,8 @@ class AceStepLoader:
                 "repo_id": ("STRING", {
                     "default": "",
                     "tooltip": f"Optional Hugging Face repo id (e.g. {DEFAULT_REPO}); downloaded once into "
-                               "models/ace_step/<name> and used instead of checkpoint (1.5: ACE-Step/Ace-Step1.5 or a 1.5 DiT repo "
-                               "such as ACE-Step/acestep-v15-base). Leave empty to use checkpoint.",
+                               "models/ace_step/<name> and used instead of checkpoint (1.5: ACE-Step/Ace-Step1.5 or "
+                               "a 1.5 DiT repo such as ACE-Step/acestep-v15-base). Leave empty to use checkpoint.",
                 }),
             },
         }

@@ -2,8 +2,9 @@
 
 `<root>/Ace-Step1.5/` holds acestep-v15-turbo/ (config.json, model.safetensors, silence_latent.pt), vae/ and
 Qwen3-Embedding-0.6B/ (config, weights, tokenizer files), as the main repo ACE-Step/Ace-Step1.5;
-`<root>/acestep-v15-base/` is a DiT repo beside it, as the official downloader places one. The weights are the parity fixtures' tiny DiTs
-(tests/data/fixtures-15), a tiny random VAE and a tiny random Qwen3 with a byte-level tokenizer (test_v15_pipeline).
+`<root>/acestep-v15-base/` is a DiT repo beside it, as the official downloader places one. The weights are the
+parity fixtures' tiny DiTs (tests/data/fixtures-15), a tiny random VAE and a tiny random Qwen3 with a byte-level
+tokenizer (test_v15_pipeline).
 """
 from __future__ import annotations
 
