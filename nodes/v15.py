@@ -311,6 +311,9 @@ def sample(model, conditioning, latent: dict, seed: int, steps: int, scheduler: 
     else:
         if not isinstance(mark, dict) or mark.get("task") != "repaint":
             raise ValueError(f"latent carries an unreadable ACE-Step 1.5 mark {mark!r}; rebuild it with Repaint Region")
+        if batch > 1 and not bool((samples == samples[:1]).all()):
+            raise ValueError(f"latent holds {batch} different songs; a 1.5 repaint takes one source song (its batch "
+                             "comes from copies of it): encode one clip")
         start, end = int(mark["start_frame"]), int(mark["end_frame"])
         # seconds that land on the marked frames under the pipeline's int(s·48000 // 1920)
         span = ((start + 0.5) / LATENT_RATE, None if end >= frames else (end + 0.5) / LATENT_RATE)

@@ -216,6 +216,9 @@ def test_repaint_region_and_sampler_repaint_from_an_encoded_latent(turbo):
     assert torch.equal(out["samples"], cut(want, frames))
     with pytest.raises(ValueError, match="end_seconds"):
         run("AceStepRepaintRegion", latent=source, start_seconds=0.5, end_seconds=9.0, variance=0.2)
+    two = dict(marked, samples=torch.cat([marked["samples"], marked["samples"] + 1]))
+    with pytest.raises(ValueError, match="latent holds 2 different songs"):
+        run("AceStepSampler", model=turbo, conditioning=cond, latent=two, **TURBO)
 
 
 def test_encode_is_the_pipeline_source_encoding(turbo):
