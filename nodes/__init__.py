@@ -16,6 +16,7 @@ from .sampling import AceStepFlowEdit, AceStepSampler, AceStepSamplerOptions
 from .stemgen import AceStepSinging2Accompaniment, AceStepStemGen, AceStepStemGenLoader
 from .text import AceStepTextEncode
 from .timing import AceStepLyricTiming
+from .v15 import AceStep15Complete, AceStep15Cover, AceStep15EmptyLatent, AceStep15Extract, AceStep15Lego
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "AceStepLoader": "ACE-Step Loader",
@@ -40,6 +41,11 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "AceStepLoadParams": "ACE-Step Load Params",
     "AceStepSaveAudio": "ACE-Step Save Audio",
     "AceStepGenrePreset": "ACE-Step Genre Preset",
+    "AceStep15EmptyLatent": "ACE-Step 1.5 Empty Latent",
+    "AceStep15Cover": "ACE-Step 1.5 Cover",
+    "AceStep15Lego": "ACE-Step 1.5 Lego (add a track)",
+    "AceStep15Extract": "ACE-Step 1.5 Extract (a track)",
+    "AceStep15Complete": "ACE-Step 1.5 Complete",
 }
 
 NODE_CLASS_MAPPINGS = {
@@ -50,5 +56,6 @@ NODE_CLASS_MAPPINGS = {
         AceStepEncode, AceStepDecode, AceStepPreviewImage, AceStepDownload,
         AceStepLyricTiming, AceStepLongForm, AceStepStemGenLoader, AceStepStemGen, AceStepSinging2Accompaniment,
         AceStepLoadParams, AceStepSaveAudio, AceStepGenrePreset,
+        AceStep15EmptyLatent, AceStep15Cover, AceStep15Lego, AceStep15Extract, AceStep15Complete,
     )
 }

@@ -7,7 +7,7 @@ from ..acestep_core import audio as codec
 from ..acestep_core import fast
 from ..acestep_core.params import app_default
 from ..acestep_core.cancel import checked_calls
-from . import bridge, wire
+from . import bridge, v15, wire
 from .model import ModelHandle, model_for, on_device
 from .wire import CATEGORY, MODEL
 
@@ -35,6 +35,8 @@ class AceStepEncode:
         }
 
     def encode(self, model: ModelHandle, audio: dict):
+        if v15.is_handle(model):  # ACE-Step 1.5
+            return v15.encode(model, audio)
         waveform, rate = wire.check_audio(audio, "audio")
         loaded = model_for(model, ("dcae", "vocoder"))
         progress = bridge.Progress(waveform.shape[0])
@@ -79,6 +81,8 @@ class AceStepDecode:
         }
 
     def decode(self, model: ModelHandle, latent: dict, sample_rate: str, overlapped_decode: bool = False):
+        if v15.is_handle(model) or v15.is_latent(latent):  # ACE-Step 1.5
+            return v15.decode(model, latent, sample_rate)
         if str(sample_rate) not in OUTPUT_RATES:
             raise ValueError(f"sample_rate must be one of {OUTPUT_RATES}, got {sample_rate!r:.200}")
         samples = wire.samples_of(latent, "latent")

@@ -31,6 +31,13 @@ COMPONENTS = {
 }
 STEMGEN = ("stemgen", "unet", "AceStepPackStemGen")
 ALL = tuple(COMPONENTS)
+# the same for an ACE-Step 1.5 bundle (acestep_core.v15.pipeline.Bundle15; dotted attribute paths)
+COMPONENTS_15 = {
+    "dit": ("model", "unet", "AceStep15PackDiT"),
+    "text": ("text_encoder.model", "text", "AceStep15PackTextEncoder"),
+    "vae": ("vae", "vae", "AceStep15PackVAE"),
+}
+ALL_15 = tuple(COMPONENTS_15)
 
 
 class ComponentSlot(torch.nn.Module):
@@ -119,18 +126,22 @@ def _patcher(record: Managed, name: str, module: torch.nn.Module, kind: str, cla
 
 
 def use(model, device: torch.device, components: Iterable[str], release: Callable[[object], None],
-        extra: dict[str, torch.nn.Module] | None = None) -> None:
+        extra: dict[str, torch.nn.Module] | None = None, table: dict | None = None) -> None:
     """Have ComfyUI load `components` of `model` (and `extra` modules, e.g. {"stemgen": control}) on `device` before
-    a node runs them; `release(model)` is called once ComfyUI holds none of them loaded. No-op outside ComfyUI."""
+    a node runs them; `release(model)` is called once ComfyUI holds none of them loaded. No-op outside ComfyUI.
+    `table` names the components (COMPONENTS for a v1 model, COMPONENTS_15 for a 1.5 bundle)."""
     if bridge.memory_manager() is None:
         return
+    table = COMPONENTS if table is None else table
     with _LOCK:
         _RETIRED.clear()
         record = _record(model, release)
         wanted = []
         for name in components:
-            attribute, kind, class_name = COMPONENTS[name]
-            module = getattr(model, attribute)
+            attribute, kind, class_name = table[name]
+            module = model
+            for part in attribute.split("."):
+                module = getattr(module, part)
             if module is not None:
                 wanted.append((name, _patcher(record, name, module, kind, class_name, device)))
         for name, module in (extra or {}).items():

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..acestep_core.download import hf_download
 from ..acestep_core.loading import ALL_COMPONENTS, DEFAULT_REPO, LAYOUTS
-from . import bridge, files
+from . import bridge, files, v15
 from .loaders import is_repo_id
 from .wire import CATEGORY
 
@@ -153,7 +153,8 @@ class AceStepDownload:
                 "repo_id": ("STRING", {
                     "default": DEFAULT_REPO,
                     "tooltip": f"Hugging Face repo id: {DEFAULT_REPO} (the model, about 8 GB) or {LORA_REPO} (the "
-                               "official rap LoRA).",
+                               "official rap LoRA); ACE-Step 1.5: ACE-Step/Ace-Step1.5 (turbo, VAE, text encoder) "
+                               "or a 1.5 DiT repo such as ACE-Step/acestep-v15-base (brings Ace-Step1.5 along).",
                 }),
                 "target": (list(TARGETS), {
                     "default": bridge.ACE_STEP_CATEGORY,
@@ -169,5 +170,10 @@ class AceStepDownload:
             raise ValueError(f"repo_id {repo_id!r:.200} is not a Hugging Face repo id like {DEFAULT_REPO!r:.200}")
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r:.200}")
+        if v15.is_repo(repo_id):  # a known ACE-Step 1.5 repo
+            if target != bridge.ACE_STEP_CATEGORY:
+                raise ValueError(f"{repo_id} is an ACE-Step 1.5 checkpoint; set target to "
+                                 f"{bridge.ACE_STEP_CATEGORY}")
+            return v15.download(repo_id)
         path = fetch_repo(repo_id, target)
         return {"ui": {"text": [str(path)]}, "result": (str(path),)}

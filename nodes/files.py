@@ -20,7 +20,7 @@ from . import bridge
 
 CHECKPOINT_FOLDERS = tuple(LAYOUTS[c].folder for c in ALL_COMPONENTS)
 CHECKPOINT_MARKERS = (b'"model.diffusion_model.genre_embedder.weight"',)
-LORA_MARKERS = (b".lora_A.", b".lora_down.", b'"lora_unet_')
+LORA_MARKERS = (b".lora_A.", b".lora_down.", b'"lora_unet_', b".lokr_w1")  # LoKr: ACE-Step 1.5 (LyCORIS)
 MAX_DEPTH = 4
 
 
@@ -47,6 +47,15 @@ def is_checkpoint_file(path: Path) -> bool:
 def is_checkpoint_folder(path: Path) -> bool:
     """A folder in the Hugging Face layout: the four component sub-folders."""
     return all((path / name).is_dir() for name in CHECKPOINT_FOLDERS)
+
+
+def is_checkpoint15_folder(path: Path) -> bool:
+    """An ACE-Step 1.5 folder: the main repo's layout (vae/, Qwen3-Embedding-0.6B/ and an acestep-v15-* DiT) or
+    a DiT repo's folder (model.safetensors and config.json of an acestep-v15-* model)."""
+    if (path / "vae").is_dir() and (path / "Qwen3-Embedding-0.6B").is_dir():
+        return any((p / "config.json").is_file() for p in path.glob("acestep-v15*"))
+    return path.name.startswith("acestep-v15") and (path / "config.json").is_file() and (
+        (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file())
 
 
 def is_lora_file(path: Path) -> bool:
@@ -94,8 +103,11 @@ def scan(folders: Iterable[Path], file_ok: Callable[[Path], bool], folder_ok: Ca
 
 
 def checkpoints() -> dict[str, Path]:
-    """ACE-Step checkpoints in the `ace_step` folders, then all-in-one files in `checkpoints`."""
-    found = scan(bridge.model_folders(bridge.ACE_STEP_CATEGORY), is_checkpoint_file, is_checkpoint_folder)
+    """ACE-Step checkpoints (v1 and 1.5 folders) in the `ace_step` folders, then all-in-one files in `checkpoints`."""
+    def folder_ok(path: Path) -> bool:
+        return is_checkpoint_folder(path) or is_checkpoint15_folder(path)
+
+    found = scan(bridge.model_folders(bridge.ACE_STEP_CATEGORY), is_checkpoint_file, folder_ok)
     for name, path in scan(bridge.model_folders("checkpoints"), is_checkpoint_file, is_checkpoint_folder).items():
         found.setdefault(name, path)
     return found

@@ -6,7 +6,7 @@ import torch
 from ..acestep_core.latent import LATENT_CHANNELS, LATENT_HEIGHT
 from ..acestep_core.params import resolve_duration
 from ..acestep_core.validation import MAX_BATCH, check_count
-from . import wire
+from . import v15, wire
 from .wire import CATEGORY, MAX_SECONDS
 
 SOURCE_AUDIO_TOOLTIP = (
@@ -96,6 +96,8 @@ class AceStepRepaintRegion:
         }
 
     def mark(self, latent: dict, start_seconds: float, end_seconds: float, variance: float, audio: dict | None = None):
+        if v15.is_latent(latent):  # ACE-Step 1.5 (variance is a v1 setting)
+            return v15.repaint_region(latent, start_seconds, end_seconds, audio)
         source = wire.samples_of(latent, "latent")
         start_seconds = wire.check_seconds("start_seconds", start_seconds)
         end_seconds = wire.check_seconds("end_seconds", end_seconds)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..acestep_core import fast
 from ..acestep_core.loading import ALL_COMPONENTS, DEFAULT_REPO, _valid_repo_id, download_repo
-from . import bridge, files
+from . import bridge, files, v15
 from .model import DEVICES, DTYPES, LoraEntry, ModelHandle, choose_device, choose_dtype, make_key, model_for, read_lora
 from .wire import CATEGORY, MODEL
 
@@ -32,8 +32,8 @@ def repo_path(repo_id: str) -> Path:
 class AceStepLoader:
     DESCRIPTION = (
         "Loads an ACE-Step v1 checkpoint (Hugging Face folder from models/ace_step, or the all-in-one file from "
-        "models/checkpoints). The model stays cached and is shared by every loader with the same checkpoint, dtype "
-        "and device."
+        "models/checkpoints) or an ACE-Step 1.5 folder (told apart by the weights). The model stays cached and is "
+        "shared by every loader with the same checkpoint, dtype and device."
     )
     CATEGORY = CATEGORY
     FUNCTION = "load"
@@ -48,7 +48,9 @@ class AceStepLoader:
                 "checkpoint": (sorted(files.checkpoints()), {
                     "tooltip": "ACE-Step v1 checkpoint: a folder with ace_step_transformer/, music_dcae_f8c8/, "
                                "music_vocoder/, umt5-base/ in models/ace_step, or ace_step_v1_3.5b.safetensors in "
-                               "models/checkpoints.",
+                               "models/checkpoints; or ACE-Step 1.5: the Ace-Step1.5 folder (vae/, "
+                               "Qwen3-Embedding-0.6B/, acestep-v15-turbo/) or a DiT folder such as acestep-v15-base "
+                               "beside it.",
                 }),
                 "dtype": (["auto", *DTYPES], {
                     "default": "auto",
@@ -64,7 +66,8 @@ class AceStepLoader:
                 "repo_id": ("STRING", {
                     "default": "",
                     "tooltip": f"Optional Hugging Face repo id (e.g. {DEFAULT_REPO}); downloaded once into "
-                               "models/ace_step/<name> and used instead of checkpoint. Leave empty to use checkpoint.",
+                               "models/ace_step/<name> and used instead of checkpoint (1.5: ACE-Step/Ace-Step1.5 or "
+                               "a 1.5 DiT repo such as ACE-Step/acestep-v15-base). Leave empty to use checkpoint.",
                 }),
                 "low_vram": ("BOOLEAN", {
                     "default": False,
@@ -96,7 +99,12 @@ class AceStepLoader:
              torch_compile: bool = False):
         target = choose_device(device)
         repo_id = (repo_id or "").strip()
-        path = repo_path(repo_id) if repo_id else files.resolve("checkpoint", checkpoint, files.checkpoints())
+        if repo_id and v15.is_repo(repo_id):  # ACE-Step 1.5 (nodes/v15.py)
+            path = v15.repo_folder(repo_id)
+        else:
+            path = repo_path(repo_id) if repo_id else files.resolve("checkpoint", checkpoint, files.checkpoints())
+        if v15.is_path(path):  # told apart by the weights (low_vram / torch_compile apply to v1 models only)
+            return v15.load(path, choose_dtype(dtype, target), target)
         levers = fast.Levers(cpu_offload=bool(low_vram), torch_compile=bool(torch_compile))
         handle = ModelHandle(make_key(path, choose_dtype(dtype, target), target), levers=levers)
         model = model_for(handle, components=())
@@ -135,12 +143,15 @@ class AceStepLoraLoader:
                     "default": False,
                     "tooltip": "Off (official app and ComfyUI): apply strength x B.A and ignore the file's alpha. "
                                "On: apply the training scale alpha/r (alpha/sqrt(r) for rsLoRA) as well. Must be the "
-                               "same on every stacked LoRA loader.",
+                               "same on every stacked LoRA loader. ACE-Step 1.5 models always apply the file's "
+                               "scale, as the official 1.5 handler does.",
                 }),
             },
         }
 
     def load(self, model: ModelHandle, lora_name: str, strength: float, honour_alpha: bool):
+        if v15.is_handle(model):  # ACE-Step 1.5 LoRA / LoKr (nodes/v15.py)
+            return v15.with_lora(model, files.resolve("lora_name", lora_name, files.loras()), strength)
         if not isinstance(model, ModelHandle):
             raise ValueError(f"model must come from the ACE-Step Loader node, got {type(model).__name__}")
         if strength == 0:

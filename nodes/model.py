@@ -112,6 +112,9 @@ def model_for(handle: ModelHandle, components=comfy_models.ALL, extra: dict | No
     Inside ComfyUI, `components` (and `extra` modules such as a StemGen branch) are then loaded by ComfyUI's memory
     manager on the handle's device: pass everything the node is about to run, in one call.
     """
+    if getattr(handle, "family", None) == "1.5":
+        raise ValueError("model is an ACE-Step 1.5 model; this node runs ACE-Step v1 models only (1.5 runs in the "
+                         "Sampler, Encode, Decode, Repaint Region and the ACE-Step 1.5 nodes)")
     if not isinstance(handle, ModelHandle):
         raise ValueError(f"model must come from the ACE-Step Loader node, got {type(handle).__name__}")
     key = handle.key

@@ -11,7 +11,7 @@ from ..acestep_core.params import EDIT_TYPES, app_default, edit_range
 from ..acestep_core.cancel import checked_calls
 from ..acestep_core.sampling.denoiser import CFG_TYPES, GuidanceConfig
 from ..acestep_core.validation import MemorySettings, call_explaining_oom
-from . import bridge, timing, wire
+from . import bridge, timing, v15, wire
 from . import params as app_nodes
 from .model import ModelHandle, on_device, transformer_for
 from .wire import CATEGORY, COND, MODEL, OPTIONS
@@ -101,6 +101,9 @@ class AceStepSampler:
     def sample(self, model: ModelHandle, conditioning, latent: dict, seed: int, steps: int, scheduler: str,
                cfg_type: str, guidance_scale: float, omega_scale: float, options=None,
                retake_variance: float = 0.0, retake_seed: int = 0, collect_lyric_timing: bool = False, seeds: str = ""):
+        if v15.is_handle(model) or v15.is_cond(conditioning) or v15.is_latent(latent):  # ACE-Step 1.5
+            return v15.sample(model, conditioning, latent, seed, steps, scheduler, cfg_type, guidance_scale,
+                              omega_scale, options, retake_variance, retake_seed, collect_lyric_timing, seeds)
         source = wire.samples_of(latent, "latent")
         cond = wire.check_conditioning(conditioning, "conditioning")
         mark = wire.mark_of(latent) or {"task": "text2music", "retake_variance": float(retake_variance)}

@@ -17,7 +17,7 @@ from ..acestep_core.params import app_default
 from ..acestep_core.stemgen.control import StemGenControl
 from ..acestep_core.stemgen.generate import generate_accompaniment, generate_stem
 from ..acestep_core.stemgen.weights import StemGenWeights, is_stemgen_file, load_stemgen
-from . import bridge, files, wire
+from . import bridge, files, v15, wire
 from .sampling import DEFAULTS, sampler_widgets
 from .model import LoraEntry, ModelHandle, model_for, on_device, transformer_for
 from .wire import CATEGORY, MODEL, OPTIONS
@@ -100,6 +100,8 @@ def _inputs(task: str, model: ModelHandle, stemgen: StemGenWeights, reference: d
             cfg_type: str, guidance_scale: float, omega_scale: float, lora_strength: float, sample_rate: str,
             options) -> tuple[tuple, dict]:
     """The checked inputs both nodes share: (model, transformer, control, waveform, rate) and the core settings."""
+    if stemgen is None:
+        raise ValueError("stemgen is required for an ACE-Step v1 model: connect an ACE-Step StemGen Loader")
     if not isinstance(stemgen, StemGenWeights):
         raise ValueError(f"stemgen must come from the ACE-Step StemGen Loader node, got {type(stemgen).__name__}")
     if stemgen.task != task:
@@ -177,7 +179,8 @@ class AceStepStemGen:
     DESCRIPTION = (
         "StemGen: generates one instrument's stem that fits a reference track (e.g. a bass line for a mix without "
         "bass), named by text and optionally by an instrument sample. Returns the stem and the mix of reference + "
-        "stem. " + NO_WEIGHTS
+        "stem. With an ACE-Step 1.5 model it runs the 1.5 lego task instead (no file needed; instrument is a 1.5 "
+        "track name). " + NO_WEIGHTS
     )
     CATEGORY = CATEGORY
     FUNCTION = "generate"
@@ -189,8 +192,8 @@ class AceStepStemGen:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (MODEL, {"tooltip": "ACE-Step model the StemGen file was trained on (with its LoRAs)."}),
-                "stemgen": (STEMGEN, {"tooltip": "A stemgen file from the ACE-Step StemGen Loader."}),
+                "model": (MODEL, {"tooltip": "ACE-Step model the StemGen file was trained on (with its LoRAs), "
+                                             "or an ACE-Step 1.5 base model (runs the 1.5 lego task)."}),
                 "reference": ("AUDIO", {"tooltip": "The track the stem must fit (the mix without that instrument)."}),
                 "instrument": ("STRING", {
                     "multiline": False, "default": "bass",
@@ -199,6 +202,8 @@ class AceStepStemGen:
                 **_sampling_inputs(),
             },
             "optional": {
+                "stemgen": (STEMGEN, {"tooltip": "A stemgen file from the ACE-Step StemGen Loader (v1 models; "
+                                                 "needed there). Leave it empty for a 1.5 model."}),
                 "instrument_audio": ("AUDIO", {
                     "tooltip": "Optional sample of the wanted instrument's sound (its average DCAE latent steers "
                                "the timbre).",
@@ -207,9 +212,12 @@ class AceStepStemGen:
             },
         }
 
-    def generate(self, model, stemgen, reference, instrument: str, seed: int, steps: int, scheduler: str,
+    def generate(self, model, reference, instrument: str, seed: int, steps: int, scheduler: str,
                  cfg_type: str, guidance_scale: float, omega_scale: float, control_scale: float,
-                 lora_strength: float, sample_rate: str, instrument_audio=None, options=None):
+                 lora_strength: float, sample_rate: str, stemgen=None, instrument_audio=None, options=None):
+        if v15.is_handle(model):  # ACE-Step 1.5: the lego task (nodes/v15.py)
+            return v15.stemgen(model, reference, instrument, seed, steps, guidance_scale, sample_rate,
+                               stemgen=stemgen, options=options, instrument_audio=instrument_audio)
         (loaded, transformer, control, waveform, rate), settings = _inputs(
             "stemgen", model, stemgen, reference, steps, scheduler, cfg_type, guidance_scale, omega_scale,
             lora_strength, sample_rate, options)
@@ -223,7 +231,8 @@ class AceStepStemGen:
 class AceStepSinging2Accompaniment:
     DESCRIPTION = (
         "Singing to accompaniment: generates the backing track for a vocal recording in the style of the tags. "
-        "Returns the accompaniment and the full mix (vocal + accompaniment). " + NO_WEIGHTS
+        "Returns the accompaniment and the full mix (vocal + accompaniment). With an ACE-Step 1.5 model it runs the "
+        "1.5 complete task instead (no file needed) and both outputs are the completed song. " + NO_WEIGHTS
     )
     CATEGORY = CATEGORY
     FUNCTION = "generate"
@@ -235,8 +244,8 @@ class AceStepSinging2Accompaniment:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (MODEL, {"tooltip": "ACE-Step model the file was trained on (with its LoRAs)."}),
-                "stemgen": (STEMGEN, {"tooltip": "A singing2accompaniment file from the ACE-Step StemGen Loader."}),
+                "model": (MODEL, {"tooltip": "ACE-Step model the file was trained on (with its LoRAs), or an "
+                                             "ACE-Step 1.5 base model (runs the 1.5 complete task)."}),
                 "vocal": ("AUDIO", {"tooltip": "The vocal recording to accompany."}),
                 "tags": ("STRING", {
                     "multiline": True, "default": "pop, piano, drums, bass, 120 bpm",
@@ -245,13 +254,18 @@ class AceStepSinging2Accompaniment:
                 **_sampling_inputs(),
             },
             "optional": {
+                "stemgen": (STEMGEN, {"tooltip": "A singing2accompaniment file from the ACE-Step StemGen Loader "
+                                                 "(v1 models; needed there). Leave it empty for a 1.5 model."}),
                 "options": (OPTIONS, {"tooltip": "Advanced settings from ACE-Step Sampler Options (else defaults)."}),
             },
         }
 
-    def generate(self, model, stemgen, vocal, tags: str, seed: int, steps: int, scheduler: str, cfg_type: str,
+    def generate(self, model, vocal, tags: str, seed: int, steps: int, scheduler: str, cfg_type: str,
                  guidance_scale: float, omega_scale: float, control_scale: float, lora_strength: float,
-                 sample_rate: str, options=None):
+                 sample_rate: str, stemgen=None, options=None):
+        if v15.is_handle(model):  # ACE-Step 1.5: the complete task (nodes/v15.py)
+            return v15.singing2accompaniment(model, vocal, tags, seed, steps, guidance_scale, sample_rate,
+                                             stemgen=stemgen, options=options)
         (loaded, transformer, control, waveform, rate), settings = _inputs(
             "singing2accompaniment", model, stemgen, vocal, steps, scheduler, cfg_type, guidance_scale, omega_scale,
             lora_strength, sample_rate, options)

@@ -41,7 +41,11 @@ from comfyui_helpers import (COMFYUI_DIR, comfyui_mark, free, install_probe, pac
                              wait_for, wait_for_history, write_stemgen_files)
 from conftest import REPO, TINY_FOLDER, TINY_LORA, VOCAB
 from pack_loader import load_pack
-from test_workflows import SAMPLES_PER_FRAME, SOURCE_RATE, SOURCE_SECONDS, TINY_PROFILE, source_tone
+from test_workflows import (SAMPLES_PER_FRAME, SOURCE_RATE, SOURCE_SECONDS, TINY_PROFILE, TINY_PROFILE_15,
+                            source_tone)
+from tiny15 import BASE as TINY15_BASE
+from tiny15 import MAIN as TINY15_MAIN
+from tiny15 import write_tiny15
 
 pytestmark = comfyui_mark()
 
@@ -213,11 +217,13 @@ def server_command(python: str, comfy: Path, base: Path, port: int) -> list[str]
 
 
 def prepare_base(base: Path) -> None:
-    """custom_nodes/<pack>, models/ace_step/<tiny>, models/loras/<tiny lora>, input/source.wav."""
+    """custom_nodes/<pack>, models/ace_step/<tiny> (v1, and the tiny 1.5 folders in the official layout),
+    models/loras/<tiny lora>, input/source.wav."""
     for folder in ("custom_nodes", "models/ace_step", "models/loras", "input", "output", "temp"):
         (base / folder).mkdir(parents=True, exist_ok=True)
     (base / "custom_nodes" / PACK_DIR).symlink_to(REPO, target_is_directory=True)
     (base / "models" / "ace_step" / TINY_FOLDER.name).symlink_to(TINY_FOLDER, target_is_directory=True)
+    write_tiny15(base / "models" / "ace_step")
     (base / "models" / "loras" / TINY_LORA.name).symlink_to(TINY_LORA, target_is_directory=True)
     source = source_tone()
     soundfile.write(str(base / "input" / SOURCE_FILE), source["waveform"][0].T.numpy(), source["sample_rate"])
@@ -321,6 +327,7 @@ def test_model_combos_list_the_files_in_comfyuis_model_folders(server):
     loader = server.get("/object_info/AceStepLoader")["AceStepLoader"]
     lora = server.get("/object_info/AceStepLoraLoader")["AceStepLoraLoader"]
     assert TINY_FOLDER.name in loader["input"]["required"]["checkpoint"][0]
+    assert {TINY15_MAIN, TINY15_BASE} <= set(loader["input"]["required"]["checkpoint"][0])
     assert TINY_LORA.name in lora["input"]["required"]["lora_name"][0]
 
 
@@ -335,7 +342,7 @@ def is_link(value) -> bool:
 def tiny_prompt(name: str) -> dict:
     """The API workflow with the tiny checkpoint, few steps and 2-second sources."""
     prompt = json.loads((API_DIR / f"{name}.json").read_text())
-    profile = {**TINY_PROFILE, **REAL_PROFILE}
+    profile = {**(TINY_PROFILE_15 if name.startswith("acestep15_") else TINY_PROFILE), **REAL_PROFILE}
     for node in prompt.values():
         for key, value in node["inputs"].items():
             if not is_link(value):
@@ -386,6 +393,21 @@ def expected_audio(prompt: dict, ref: list) -> tuple[int, int, int]:
     if node["class_type"] == "LoadAudio":
         return SOURCE_RATE, int(SOURCE_SECONDS * SOURCE_RATE), 2
     raise AssertionError(f"no audio rule for {node['class_type']}")
+
+
+def expected_audio_15(prompt: dict, ref: list) -> tuple[int, int, int]:
+    """(sample rate, samples, channels) of a 1.5 workflow's decoded AUDIO: 25 latent frames per second, 1920
+    samples per frame at 48 kHz; a new song has the empty latent's length, every other task the source's."""
+    node = prompt[ref[0]]
+    assert node["class_type"] == "AceStepDecode"
+    producer = prompt[node["inputs"]["latent"][0]]
+    empty = producer["inputs"].get("latent")
+    if empty is not None and prompt[empty[0]]["class_type"] == "AceStep15EmptyLatent":
+        frames = round(prompt[empty[0]]["inputs"]["seconds"] * 25)
+    else:
+        frames = int(SOURCE_SECONDS * 48000) // 1920
+    rate = int(node["inputs"]["sample_rate"])
+    return rate, math.ceil(frames * 1920 * rate / 48000), 2
 
 
 def run_prompt(server: Server, prompt: dict) -> tuple[str, list[dict]]:
@@ -448,7 +470,8 @@ def test_workflow_runs_in_comfyui(server, name):
     for node_id, node in outputs.items():
         assert node_id in executed, f"{node['class_type']} {node_id} never reported executed"
         (entry,) = history["outputs"][node_id]["audio"]
-        rate, samples, channels = expected_audio(prompt, node["inputs"]["audio"])
+        expected = expected_audio_15 if name.startswith("acestep15_") else expected_audio
+        rate, samples, channels = expected(prompt, node["inputs"]["audio"])
         check_audio_file(server, entry, rate, samples, channels)
         lengths[f"{node_id} {node['class_type']}"] = round(samples / rate, 3)
     for node_id, node in prompt.items():

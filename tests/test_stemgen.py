@@ -337,21 +337,21 @@ def test_nodes_generate_a_stem_and_a_mix(node_env):
     settings = dict(seed=3, steps=2, scheduler="euler", cfg_type="apg", guidance_scale=15.0, omega_scale=10.0,
                     control_scale=1.0, lora_strength=1.0, sample_rate="48000")
     reference = tone(channels=1)
-    stem, mix = nodes.AceStepStemGen().generate(model, stemgen, reference, "bass", instrument_audio=tone(0.5),
-                                                **settings)
+    stem, mix = nodes.AceStepStemGen().generate(model, stemgen=stemgen, reference=reference, instrument="bass",
+                                                instrument_audio=tone(0.5), **settings)
     frames = math.ceil(1.5 * 44100 / 4096)
     assert stem["sample_rate"] == mix["sample_rate"] == 48000
     assert stem["waveform"].shape == mix["waveform"].shape == (1, 2, math.ceil(frames * 4096 * 48000 / 44100))
     added = mix["waveform"] - stem["waveform"]
     torch.testing.assert_close(added[0, 0, :72000], reference["waveform"][0, 0], atol=1e-5, rtol=0)
-    again, _ = nodes.AceStepStemGen().generate(model, stemgen, reference, "bass", instrument_audio=tone(0.5),
-                                               **settings)
+    again, _ = nodes.AceStepStemGen().generate(model, stemgen=stemgen, reference=reference, instrument="bass",
+                                               instrument_audio=tone(0.5), **settings)
     assert torch.equal(again["waveform"], stem["waveform"])
-    accompaniment, full = nodes.AceStepSinging2Accompaniment().generate(model, s2a, reference, "synth pop",
-                                                                        **settings)
+    accompaniment, full = nodes.AceStepSinging2Accompaniment().generate(model, stemgen=s2a, vocal=reference,
+                                                                        tags="synth pop", **settings)
     assert accompaniment["waveform"].shape == full["waveform"].shape and torch.isfinite(full["waveform"]).all()
     with pytest.raises(ValueError, match="trained for singing2accompaniment"):
-        nodes.AceStepStemGen().generate(model, s2a, reference, "bass", **settings)
+        nodes.AceStepStemGen().generate(model, stemgen=s2a, reference=reference, instrument="bass", **settings)
 
 
 def test_workflows_match_their_api_copies_and_run(node_env):

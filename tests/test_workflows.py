@@ -51,6 +51,17 @@ TINY_PROFILE = {
     ("AceStepExtend", "right_seconds"): 1.0,
 }
 SAMPLES_PER_FRAME = 4096
+# ACE-Step 1.5 examples (acestep15_*): the tiny 1.5 checkpoint (tests/tiny15.py) keeps the real folder names, turbo
+# keeps its fixed 8 steps; base tasks run 2 steps.
+V15_TASKS = ("text2music", "cover", "repaint", "lego", "extract", "complete")
+TINY_PROFILE_15 = {
+    **{k: v for k, v in TINY_PROFILE.items()
+       if k not in {("AceStepLoader", "checkpoint"), ("AceStepSampler", "steps")}},
+    ("AceStep15EmptyLatent", "seconds"): 2.0,
+    ("AceStep15Lego", "steps"): 2,
+    ("AceStep15Extract", "steps"): 2,
+    ("AceStep15Complete", "steps"): 2,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -75,6 +86,14 @@ def widget_names(class_type: str) -> list[str | None]:
     return names
 
 
+def optional_widgets(class_type: str) -> set[str | None]:
+    """The optional widget inputs of a pack node (None stands for a seed's control_after_generate slot)."""
+    if class_type in NATIVE_WIDGETS:
+        return set()
+    optional = NODES[class_type].INPUT_TYPES().get("optional", {})
+    return {None} | {name for name, (kind, _) in optional.items() if isinstance(kind, list) or kind in WIDGET_TYPES}
+
+
 def ui_to_api(ui: dict) -> dict:
     """The API prompt a UI graph describes (simple graphs: no reroutes, groups nodes or subgraphs)."""
     links = {link[0]: link for link in ui["links"]}
@@ -84,7 +103,11 @@ def ui_to_api(ui: dict) -> dict:
             continue
         names = widget_names(node["type"])
         values = node.get("widgets_values", [])
-        assert len(values) == len(names), f"node {node['id']} {node['type']}: widgets_values {values} vs {names}"
+        # a graph saved before optional widgets were appended to a node (e.g. Text Encode's 1.5 fields) stores
+        # fewer values; the editor gives the missing trailing ones their defaults
+        missing = names[len(values):]
+        assert len(values) <= len(names) and set(missing) <= optional_widgets(node["type"]), (
+            f"node {node['id']} {node['type']}: widgets_values {values} vs {names}")
         inputs = {name: value for name, value in zip(names, values) if name}
         for slot, entry in enumerate(node.get("inputs", [])):
             if entry.get("link") is None:
@@ -107,9 +130,12 @@ def test_every_example_has_an_api_copy():
     assert NAMES, f"no API workflows in {API_DIR}"
     assert sorted(UI_FILES) == NAMES and len(UI_FILES) == len(list(UI_DIR.glob("*.json")))
     for path in UI_FILES.values():
-        assert path.stem.startswith("ACE-Step - ") and "_" not in path.stem, f"{path.name}: give it a title, not an id"
+        assert path.stem.startswith(("ACE-Step - ", "ACE-Step 1.5 - ")) and "_" not in path.stem, (
+            f"{path.name}: give it a title, not an id")
     for task in ("text2music", "retake", "repaint", "extend", "flow_edit", "audio2audio", "lora"):
         assert f"acestep_{task}" in NAMES
+    for task in V15_TASKS:  # ACE-Step 1.5: one example per task
+        assert f"acestep15_{task}" in NAMES and UI_FILES[f"acestep15_{task}"].stem.startswith("ACE-Step 1.5 - ")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -165,8 +191,9 @@ def source_tone(seconds: float = SOURCE_SECONDS, rate: int = SOURCE_RATE) -> dic
 class Run:
     """The outputs of every node of one executed prompt, and the audio its output nodes received."""
 
-    def __init__(self, prompt: dict):
+    def __init__(self, prompt: dict, profile: dict | None = None):
         self.prompt = prompt
+        self.profile = TINY_PROFILE if profile is None else profile
         self.outputs: dict[str, tuple] = {}
         self.saved: dict[str, dict] = {}
 
@@ -184,7 +211,7 @@ class Run:
                 self.execute(ref[0])
         kind = node["class_type"]
         inputs = {k: self.value(v) for k, v in node["inputs"].items()}
-        inputs = {k: TINY_PROFILE.get((kind, k), v) for k, v in inputs.items()}
+        inputs = {k: self.profile.get((kind, k), v) for k, v in inputs.items()}
         if kind == "LoadAudio":
             self.outputs[node_id] = (source_tone(),)
         elif kind == "EmptyAceStepLatentAudio":
@@ -212,7 +239,7 @@ def producer(prompt: dict, node_id: str, name: str) -> str:
 RUN_ELSEWHERE = {"acestep_stemgen", "acestep_singing2accompaniment", "acestep_app_params"}  # test_app runs the last
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n not in RUN_ELSEWHERE])
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in RUN_ELSEWHERE and not n.startswith("acestep15_")])
 def test_workflow_runs_and_makes_audio(name):
     prompt = load(API_DIR, name)
     run = Run(prompt).run()
@@ -257,3 +284,35 @@ def assert_length_fits_task(prompt: dict, run: Run, decoder: str, frames: int) -
         out = run.outputs[node_id][0]["samples"]
         assert torch.equal(out[..., kept[0]], marked["samples"][..., kept[0]]), "repaint changed the kept part"
         assert not torch.equal(out[..., ~kept[0]], marked["samples"][..., ~kept[0]]), "repaint left the region as it was"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ACE-Step 1.5
+
+
+@pytest.fixture(scope="module")
+def tiny15_dir(tmp_path_factory):
+    from tiny15 import write_tiny15
+
+    return write_tiny15(tmp_path_factory.mktemp("models15"))
+
+
+@pytest.mark.parametrize("name", [f"acestep15_{task}" for task in V15_TASKS])
+def test_15_workflow_runs_and_makes_audio(name, tiny15_dir, monkeypatch):
+    monkeypatch.setenv("ACESTEP_MODELS_DIR", str(tiny15_dir))
+    prompt = load(API_DIR, name)
+    run = Run(prompt, TINY_PROFILE_15).run()
+    assert run.saved, "the workflow has no audio output node"
+    for node_id, audio in run.saved.items():
+        decoder = producer(prompt, node_id, "audio")
+        assert prompt[decoder]["class_type"] == "AceStepDecode"
+        latent = run.value(prompt[decoder]["inputs"]["latent"])["samples"]
+        assert latent.ndim == 3, "a 1.5 latent is [batch, channels, frames]"
+        rate = int(prompt[decoder]["inputs"]["sample_rate"])
+        waveform = audio["waveform"]
+        assert audio["sample_rate"] == rate == 48000 and waveform.dtype == torch.float32
+        assert waveform.shape == (1, 2, latent.shape[-1] * 1920) and torch.isfinite(waveform).all()
+        assert waveform.pow(2).mean().sqrt() > 1e-4, "silent output"
+        new_song = name.endswith("text2music")
+        seconds = TINY_PROFILE_15[("AceStep15EmptyLatent", "seconds")] if new_song else SOURCE_SECONDS
+        assert latent.shape[-1] == round(seconds * 25), "the result has the length the task promises"

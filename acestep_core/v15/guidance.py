@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from acestep_core.sampling import MomentumBuffer, apg as _apg, cfg
+from ..sampling import MomentumBuffer, apg as _apg, cfg
 
 APG_DIMS = (1,)
 # Official ADG default angle clip: the literal 3.14 / 6 (not math.pi / 6).

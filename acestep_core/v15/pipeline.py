@@ -440,6 +440,20 @@ def _references(reference_audio, batch: int) -> list[list[Tensor]]:
     return [out for _ in range(batch)]
 
 
+def check_source_latents(bundle: Bundle15, latents) -> Tensor:
+    """Source latents [1, T, C] (e.g. from an earlier VAE encode) in the bundle's dtype and device."""
+    channels = bundle.model.config.audio_acoustic_hidden_dim
+    if not isinstance(latents, Tensor) or not latents.is_floating_point() or latents.ndim != 3 \
+            or latents.shape[0] != 1 or latents.shape[2] != channels or latents.shape[1] < 1:
+        shape = tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
+        raise ValueError(f"source_latents must be a float tensor [1, frames, {channels}], got {shape}")
+    if latents.shape[1] * HOP / SAMPLE_RATE > MAX_AUDIO_SECONDS:
+        raise ValueError(f"source_latents describe more than {MAX_AUDIO_SECONDS:.0f} s; trim the source first")
+    if not torch.isfinite(latents).all():
+        raise ValueError("source_latents contain NaN or infinite values; encode the source again")
+    return latents.to(bundle.device, bundle.dtype)
+
+
 def _source(source_audio, source_sample_rate) -> Tensor:
     if source_audio is None:
         raise ValueError("source_audio is required for this task: give the song to edit (waveform and its "
@@ -457,6 +471,8 @@ def run(
     duration: float | None = None,
     source_audio=None,
     source_sample_rate: int | None = None,
+    source_latents: Tensor | None = None,
+    frames: int | None = None,
     reference_audio=None,
     audio_codes=None,
     span: tuple[float, float | None] | None = None,
@@ -474,9 +490,14 @@ def run(
     progress: Progress | None = None,
     interrupt: Callable[[], None] | None = None,
 ) -> Result15:
-    """Every task through one path (the task functions below are the public entry points)."""
+    """Every task through one path (the task functions below are the public entry points). `source_latents`
+    [1, T, C] (an earlier VAE encode, e.g. the ComfyUI Encode node's) replaces `source_audio`; `frames` gives a
+    text2music length in latent frames instead of `duration` (the ComfyUI empty latent's length, exactly).
+    Results are audio and latents cut to the requested length: `Result15.latents` keeps the padded length."""
     if not isinstance(bundle, Bundle15):
         raise ValueError(f"bundle must be a Bundle15 (see load_bundle), got {type(bundle).__name__}")
+    if frames is not None and task != "text2music":
+        raise ValueError(f"frames (the song length) applies to text2music; {task} takes its length from the source")
     seeds = resolve_seeds(seed, batch_size)
     if chunk_mask_mode not in CHUNK_MASK_MODES:
         raise ValueError(f"chunk_mask_mode must be one of {CHUNK_MASK_MODES}, got {chunk_mask_mode!r}")
@@ -509,15 +530,28 @@ def run(
         if task != "cover":
             raise ValueError("audio_codes apply to the cover task only")
         codes = parse_audio_codes(audio_codes)
-    if task == "text2music" or (task == "cover" and codes is not None and source_audio is None):
-        if source_audio is not None:
+    if task == "text2music" or (task == "cover" and codes is not None and source_audio is None
+                                and source_latents is None):
+        if source_audio is not None or source_latents is not None:
             raise ValueError("text2music takes no source_audio; use cover, repaint, lego, extract or complete")
         if codes is not None:
             seconds = codes.shape[1] * bundle.model.config.pool_window_size / LATENT_RATE
+        elif frames is not None:
+            if duration is not None:
+                raise ValueError("give duration or frames for text2music, not both")
+            _check_int("frames", frames, 1, int(MAX_AUDIO_SECONDS * LATENT_RATE))
+            seconds = frames * HOP / SAMPLE_RATE
         else:
             if duration is None:
                 raise ValueError("duration (seconds) is required for text2music")
             seconds = round(_check_seconds("duration", duration, MIN_DURATION, MAX_AUDIO_SECONDS), 1)
+    elif source_latents is not None:
+        if source_audio is not None:
+            raise ValueError("give source_audio or source_latents, not both")
+        source_latents = check_source_latents(bundle, source_latents)
+        seconds = source_latents.shape[1] * HOP / SAMPLE_RATE
+        if duration is not None:
+            raise ValueError(f"{task} takes its length from source_latents; leave duration empty")
     else:
         source = _source(source_audio, source_sample_rate)
         seconds = source.shape[-1] / SAMPLE_RATE
@@ -525,7 +559,10 @@ def run(
             raise ValueError(f"{task} takes its length from source_audio; leave duration empty")
     if seconds > MAX_AUDIO_SECONDS:
         raise ValueError(f"the audio codes describe {seconds:.0f} s; at most {MAX_AUDIO_SECONDS:.0f} s")
-    frames = max(1, int(seconds * SAMPLE_RATE) // HOP)
+    if source_latents is not None:
+        frames = source_latents.shape[1]
+    elif frames is None or task != "text2music":
+        frames = max(1, int(seconds * SAMPLE_RATE) // HOP)
     length = max(MIN_FRAMES, frames)
 
     spans = None
@@ -559,7 +596,7 @@ def run(
     states = encode_texts(bundle, prompts, non_cover=opts.audio_cover_strength < 1.0 and task == "cover")
     check()
     refer_packed, refer_order = reference_timbre(bundle, references, seeds, stage)
-    source_latents = hints = None
+    hints = None
     if source is not None:
         check()
         g = torch.Generator("cpu").manual_seed(seeds[0])
