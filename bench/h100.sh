@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU speed run (bench/README.md): real 3.5B configuration with random weights, eager vs fast path,
 # 60 s and 240 s, 27 and 60 steps, batch 1 and 4, low-VRAM mode (--cpu-offload), then torch.compile; beside it,
-# on the CPU, the static memory accounting of bench/memory.py. At most 7.7 minutes on one H100 (the limits add up
-# to 460 s); each step has its own time limit and writes its own JSON, so a slow step loses only itself.
+# on the CPU, the static memory accounting of bench/memory.py; last, ACE-Step 1.5 turbo (8 steps) and base (50
+# steps) with bench/rtf15.py. At most 7.9 minutes on one H100 (the limits add up to 470 s); each step has its own time limit and writes its own JSON, so a slow step loses only itself.
 #   bash bench/h100.sh [output folder, default $OUT or bench/results]
 set -u
 out="${1:-${OUT:-bench/results}}"
@@ -23,6 +23,9 @@ bench 40 --seconds 240 --steps 27 --batch 4 --warmup 1 --repeats 1
 # 3. low-VRAM mode: components in pinned CPU memory, each moved in for its phase (target: 240 s / 27 steps < 8 GB)
 bench 70 --seconds 240 --steps 27 --low-vram --compare --warmup 1 --repeats 1
 # 4. torch.compile of the transformer blocks (the warm-up run compiles; the first-call time is in the log)
-bench 140 --seconds 240 --steps 27 --compile --warmup 1 --repeats 2
+bench 115 --seconds 240 --steps 27 --compile --warmup 1 --repeats 2
+# 5. ACE-Step 1.5 at its real configuration (random weights): turbo 8 steps and base 50 steps, 60 s and 240 s
+timeout 40 "$py" -m bench.rtf15 --random-weights --variants turbo base --seconds 60 240 --warmup 1 --repeats 1 \
+    --out "$out" 2>&1 | tee -a "$out/h100.log"
 wait "$accounting"
 tee -a "$out/h100.log" < "$out/memory.log"

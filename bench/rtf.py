@@ -1,7 +1,7 @@
 """Text-to-music speed: per-phase times, real-time factor and peak GPU memory, eager vs fast path (bench/README.md).
 
 CPU, the tiny checkpoint (what CI runs):
-    python -m bench.rtf --checkpoint ../shared/tiny/acestep-v1-tiny --seconds 2 --steps 2 --compare
+    python -m bench.rtf --checkpoint tests/data/tiny/acestep-v1-tiny --seconds 2 --steps 2 --compare
 GPU, the real 3.5B configuration with random weights (speed does not depend on the values; nothing downloaded):
     python -m bench.rtf --random-weights --seconds 60 240 --steps 27 60 --compare
 

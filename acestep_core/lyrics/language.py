@@ -1,4 +1,4 @@
-"""Per-line lyric language detection, reproducing the official pipeline's ``get_lang`` (spec 5.3).
+"""Per-line lyric language detection, reproducing the official pipeline's ``get_lang`` (design §5.3).
 
 The official code runs a vendored LangSegment 0.3.5 (py3langid 0.3.0 model) with the 97-language filter
 list, which turns on its "preview" mode. That segmenter is a small state machine with many quirks, and the
@@ -322,7 +322,7 @@ class _Segmenter:
 
 
 def detect_line_language(line: str) -> str:
-    """Official ``get_lang(line)``: the raw LangSegment answer (any code), ``en`` if it fails (spec 5.3)."""
+    """Official ``get_lang(line)``: the raw LangSegment answer (any code), ``en`` if it fails (design §5.3)."""
     if not line.strip():
         return "zh"
     segmenter = _Segmenter()
