@@ -47,6 +47,7 @@ CALL_SECONDS = 60  # a call that takes longer is a hang
 COSTLY_MAXIMA = {"steps", ("AceStepLongForm", "seconds"), ("AceStepFlowEdit", "n_avg")}
 ANY_CHARACTER = st.characters(blacklist_categories=())  # every code point, surrogates included
 MAX_EXAMPLES = {"AceStepLongForm": 12}  # each working long-form example samples and decodes several windows
+NO_WORKING_SET = {"AceStepStemGenLoader": "control_name"}  # no StemGen file in the models folder: only refusals
 V15 = "@1.5"  # a case "<node>@1.5" fuzzes the node's ACE-Step 1.5 branch
 SHARED_15 = ("AceStepLoader", "AceStepLoraLoader", "AceStepTextEncode", "AceStepSampler", "AceStepRepaintRegion",
              "AceStepEncode", "AceStepDecode", "AceStepDownload", "AceStepStemGen", "AceStepSinging2Accompaniment")
@@ -349,6 +350,13 @@ def check_one(node: str, base: dict, name: str, value) -> None:
 FUZZED = [n for n in NODES if n not in SKIPPED_NODES] + [n + V15 for n in SHARED_15]
 
 
+@pytest.mark.parametrize("field, value", [("bpm", 120), ("keyscale", "C major"), ("timesignature", "3"),
+                                          ("language", "de")])
+def test_1_5_text_fields_on_a_v1_model_are_refused_naming_the_field(handle, field, value):
+    with pytest.raises(ValueError, match=f"^{field} applies to ACE-Step 1.5 models only"):
+        run("AceStepTextEncode", model=handle, tags="rock", lyrics="", **{field: value})
+
+
 @pytest.mark.parametrize("case", FUZZED)
 def test_every_input_of_every_node_refuses_or_works(case, handle, handle15, valid):
     node = case.removesuffix(V15)
@@ -356,6 +364,12 @@ def test_every_input_of_every_node_refuses_or_works(case, handle, handle15, vali
     before = snapshot(model, bundle)
     strategies = fuzzed_inputs(node)
     assert strategies, f"{node} has no input to fuzz"
+    try:  # the working set works (else every example would be refused and the pass would test nothing)
+        assert finite(run(node, **valid[case])), f"{case}: the working inputs give a non-finite result"
+    except errors.ModelDownloadError:
+        assert node == "AceStepDownload"  # a valid download request, answered offline
+    except ValueError as err:
+        assert node in NO_WORKING_SET and NO_WORKING_SET[node] in str(err), f"{case}: the working inputs fail: {err}"
     examples = min(MAX_EXAMPLES.get(node, 40), 4 * len(strategies) + 6)
 
     @settings(max_examples=examples, deadline=None, database=None, derandomize=True,  # the same examples in CI
