@@ -29,6 +29,7 @@ from ..acestep_core.v15 import hub
 from ..acestep_core.v15 import pipeline as P
 from ..acestep_core.v15.generate import MAX_SEED, SamplerOptions
 from ..acestep_core.v15.loading import checkpoint_family
+from ..acestep_core.v15.lora import MAX_STRENGTH as MAX_LORA_STRENGTH
 from ..acestep_core.v15.lora import ensure_adapters, load_adapter_file
 from ..acestep_core.v15.tasks import HANDLER_REPAINT_CROSSFADE_FRAMES, HANDLER_REPAINT_INJECTION_RATIO
 from ..acestep_core.v15.prompts import (NOT_GIVEN, TRACK_NAMES, VALID_KEYSCALES, VALID_LANGUAGES,
@@ -177,8 +178,10 @@ def with_lora(model, path: Path, strength: float) -> tuple:
     LoKr, ComfyUI names; acestep_core/v15/lora.py). The scale is always the file's own (PEFT lora_alpha / r), as
     the official 1.5 handler applies it."""
     handle = _handle(model)
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
-        raise ValueError(f"strength must be a finite number, got {strength!r:.200}")
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
+            or abs(strength) > MAX_LORA_STRENGTH:
+        raise ValueError(f"strength must be a finite number in [-{MAX_LORA_STRENGTH:g}, {MAX_LORA_STRENGTH:g}] (the "
+                         f"widget offers -3..3), got {strength!r:.200}")
     if strength == 0:
         return (handle,)
     files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + sorted(path.glob("*.json"))

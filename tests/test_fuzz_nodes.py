@@ -386,3 +386,37 @@ def test_every_input_of_every_node_refuses_or_works(case, handle, handle15, vali
     now = snapshot(*base_weights(handle, handle15))
     changed = [k for k in now if not torch.equal(now[k], before[k])]
     assert not changed, f"weights changed: {changed[:5]}"
+
+
+@pytest.fixture(scope="module")
+def other_family(handle, handle15, valid) -> dict:
+    """For each model and conditioning in the working sets, the same socket's value of the other family."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ACESTEP_LYRIC_VOCAB", str(VOCAB))
+        cond = run("AceStepTextEncode", model=handle, tags="rock", lyrics="")[0]
+        cond15 = run("AceStepTextEncode", model=handle15, tags="rock", lyrics="")[0]
+    return {"model": lambda v: handle if v15.is_handle(v) else handle15,
+            "conditioning": lambda v: cond if v15.is_cond(v) else cond15}
+
+
+def takes_our_model_or_conditioning(case: str) -> bool:
+    types_ = NODES[case.removesuffix(V15)].INPUT_TYPES()
+    specs = {**types_.get("required", {}), **types_.get("optional", {})}
+    return any(spec[0] in OUR_SOCKETS[:2] for spec in specs.values())
+
+
+@pytest.mark.parametrize("case", [c for c in FUZZED if takes_our_model_or_conditioning(c)])
+def test_the_other_familys_model_or_conditioning_is_refused_naming_it(case, handle, handle15, valid, other_family):
+    """Our own sockets are not fuzzed with hostile values (only our nodes make them), but a v1 value where the
+    node holds 1.5 ones (or the reverse) is a wiring a user can make: refused naming the socket, or working."""
+    node = case.removesuffix(V15)
+    model, bundle = base_weights(handle, handle15)
+    before = snapshot(model, bundle)
+    swaps = [(name, other_family[kind](valid[case][name])) for name in valid[case]
+             for kind in other_family if name == kind or name.endswith("_" + kind)]
+    assert swaps, f"{case}: no model or conditioning in the working inputs"
+    for name, value in swaps:
+        check_one(node, valid[case], name, value)
+    assert model_mod.model_for(handle) is model and v15.bundle_for(handle15) is bundle
+    now = snapshot(*base_weights(handle, handle15))
+    assert not [k for k in now if not torch.equal(now[k], before[k])], "weights changed"
