@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..acestep_core.audio import resample
+from ..acestep_core.latent import check_latent_values
 from ..acestep_core.v15 import hub
 from ..acestep_core.v15 import pipeline as P
 from ..acestep_core.v15.generate import MAX_SEED, SamplerOptions
@@ -133,11 +134,13 @@ def _latent(latent, name: str = "latent") -> torch.Tensor:
         raise ValueError(f"{name} is not an ACE-Step 1.5 latent [batch, {CHANNELS}, frames] (got {shape}); make it "
                          "with ACE-Step 1.5 Empty Latent or ACE-Step Encode Audio on a 1.5 model")
     samples = latent["samples"]
-    if not samples.is_floating_point() or samples.shape[0] < 1 or samples.shape[-1] < 1 \
-            or not torch.isfinite(samples).all():
-        raise ValueError(f"{name} must be a non-empty latent with finite values")
+    if not samples.is_floating_point() or samples.shape[0] < 1 or samples.shape[-1] < 1:
+        raise ValueError(f"{name} must be a non-empty float latent, got {samples.dtype} {tuple(samples.shape)}")
+    if samples.shape[0] > P.MAX_BATCH:
+        raise ValueError(f"{name} has a batch of {samples.shape[0]}; ACE-Step 1.5 takes 1 to {P.MAX_BATCH} at once")
     if samples.shape[-1] > MAX_SECONDS * LATENT_RATE:
         raise ValueError(f"{name} is longer than {MAX_SECONDS:.0f} s; ACE-Step 1.5 takes at most that")
+    check_latent_values(samples, name)  # NaN, infinities and magnitude (as for a v1 latent)
     return samples
 
 
@@ -261,7 +264,8 @@ def options(bundle: P.Bundle15, steps: int, guidance_scale: float, shift: float 
     `steps` with guidance; shift 0 = the variant's official default (turbo 3, base 1); repaint and lego use the
     handler's step injection 0.5 and 12-frame crossfade (what `pipeline.run` uses without options)."""
     if scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler must be one of {tuple(SCHEDULERS)} for an ACE-Step 1.5 model, got {scheduler!r:.200}")
+        raise ValueError(f"scheduler must be one of {tuple(SCHEDULERS)} for an ACE-Step 1.5 model, got "
+                         f"{scheduler!r:.200}")
     if cfg_type not in GUIDANCES:
         raise ValueError(f"cfg_type must be one of {tuple(GUIDANCES)} for an ACE-Step 1.5 model, got {cfg_type!r:.200}")
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
@@ -323,7 +327,8 @@ def sample(model, conditioning, latent: dict, seed: int, steps: int, scheduler: 
         result = _run(handle, "text2music", cond, seed, batch, opts_args, frames=frames)
     else:
         if not isinstance(mark, dict) or mark.get("task") != "repaint":
-            raise ValueError(f"latent carries an unreadable ACE-Step 1.5 mark {mark!r:.200}; rebuild it with Repaint Region")
+            raise ValueError(f"latent carries an unreadable ACE-Step 1.5 mark {mark!r:.200}; rebuild it with Repaint "
+                             "Region")
         if batch > 1 and not bool((samples == samples[:1]).all()):
             raise ValueError(f"latent holds {batch} different songs; a 1.5 repaint takes one source song (its batch "
                              "comes from copies of it): encode one clip")
@@ -362,7 +367,8 @@ def repaint_region(latent: dict, start_seconds: float, end_seconds: float, audio
         raise ValueError(f"end_seconds ({end_seconds}) is past the end of the source latent ({duration:.2f} s); set "
                          f"end_seconds to at most {duration:.2f}")
     if end <= start:
-        raise ValueError(f"start_seconds to end_seconds ({start_seconds}-{end_seconds} s) is shorter than one latent frame (0.04 s)")
+        raise ValueError(f"start_seconds to end_seconds ({start_seconds}-{end_seconds} s) is shorter than one latent "
+                         "frame (0.04 s)")
     out = dict(latent)
     out[MARK] = {"task": "repaint", "start_frame": start, "end_frame": end}
     mask = torch.zeros(samples.shape[0], 1, frames)

@@ -247,7 +247,8 @@ def number_values(node: str, name: str, spec: dict, integer: bool) -> st.SearchS
 
 
 def latent_values() -> st.SearchStrategy:
-    shapes = [(0, 8, 16, 5), (1, 8, 16, 0), (1, 4, 64, 64), (65, 8, 16, 2), (4096, 8, 16, 1), (1, 8, 16), (2, 8, 16, 3)]
+    shapes = [(0, 8, 16, 5), (1, 8, 16, 0), (1, 4, 64, 64), (65, 8, 16, 2), (4096, 8, 16, 1), (1, 8, 16), (2, 8, 16, 3),
+              (1, 8, 0), (4096, 8, 2), (1, 8, 15_001), (2, 8, 3)]  # the last four: 1.5 layout [B, C, T] (tiny C = 8)
     fills = [0.0, float("nan"), float("inf"), 1e30, -1e30]
     tensors = st.builds(lambda shape, fill: {"samples": torch.full(shape, fill)}, st.sampled_from(shapes),
                         st.sampled_from(fills))
