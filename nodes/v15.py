@@ -326,13 +326,10 @@ def sample(model, conditioning, latent: dict, seed: int, steps: int, scheduler: 
     if mark is None:
         result = _run(handle, "text2music", cond, seed, batch, opts_args, frames=frames)
     else:
-        if not isinstance(mark, dict) or mark.get("task") != "repaint":
-            raise ValueError(f"latent carries an unreadable ACE-Step 1.5 mark {mark!r:.200}; rebuild it with Repaint "
-                             "Region")
+        start, end = _repaint_mark(mark, frames)
         if batch > 1 and not bool((samples == samples[:1]).all()):
             raise ValueError(f"latent holds {batch} different songs; a 1.5 repaint takes one source song (its batch "
                              "comes from copies of it): encode one clip")
-        start, end = int(mark["start_frame"]), int(mark["end_frame"])
         # seconds that land on the marked frames under the pipeline's int(s·48000 // 1920)
         span = ((start + 0.5) / LATENT_RATE, None if end >= frames else (end + 0.5) / LATENT_RATE)
         result = _run(handle, "repaint", cond, seed, batch, opts_args,
@@ -340,6 +337,20 @@ def sample(model, conditioning, latent: dict, seed: int, steps: int, scheduler: 
     out = {k: v for k, v in latent.items() if k not in (MARK, "noise_mask")}
     out.update(_wrap(result.latents, frames))
     return (out,)
+
+
+def _repaint_mark(mark, frames: int) -> tuple[int, int]:
+    """The frames [start, end) a Repaint Region mark names, checked against the latent's `frames`."""
+    def frame(key):
+        value = mark.get(key) if isinstance(mark, dict) else None
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    start, end = frame("start_frame"), frame("end_frame")
+    if not isinstance(mark, dict) or mark.get("task") != "repaint" or start is None or end is None \
+            or not 0 <= start < end <= frames:
+        raise ValueError(f"latent carries an unreadable ACE-Step 1.5 repaint mark {mark!r:.200} (for {frames} "
+                         "frames); rebuild it with Repaint Region")
+    return start, end
 
 
 def empty_latent(seconds: float, batch_size: int) -> tuple:

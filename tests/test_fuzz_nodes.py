@@ -252,7 +252,12 @@ def latent_values() -> st.SearchStrategy:
     fills = [0.0, float("nan"), float("inf"), 1e30, -1e30]
     tensors = st.builds(lambda shape, fill: {"samples": torch.full(shape, fill)}, st.sampled_from(shapes),
                         st.sampled_from(fills))
-    return st.one_of(tensors, st.sampled_from([None, "latent", {}, {"samples": "x"}, torch.zeros(1, 8, 16, 3)]))
+    frames = [(0, 2), ("a", 3), (3, 1), (-1, 2), (0, 2**63), (float("nan"), 2), (True, 2), (None, 2)]
+    marks = ["repaint", {}, {"task": "cover", "start_frame": 0, "end_frame": 2}] + [
+        {"task": "repaint", "start_frame": a, "end_frame": b} for a, b in frames]
+    marked = st.builds(lambda mark: {"samples": torch.zeros(1, 8, 12), "type": "audio", "acestep15": mark},
+                       st.sampled_from(marks))  # 1.5 latents with a hostile Repaint Region mark
+    return st.one_of(tensors, marked, st.sampled_from([None, "latent", {}, {"samples": "x"}, torch.zeros(1, 8, 16, 3)]))
 
 
 def audio_values() -> st.SearchStrategy:
