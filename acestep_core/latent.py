@@ -93,10 +93,16 @@ def check_latent(latent: Tensor, name: str = "latent") -> Tensor:
         raise ValueError(f"{name} has no frames; give a duration of at least 0.1 s")
     if not 1 <= latent.shape[0] <= MAX_BATCH:
         raise ValueError(f"{name} has a batch of {latent.shape[0]}; ACE-Step takes 1 to {MAX_BATCH} items at once")
+    check_latent_values(latent, name)
+    return latent
+
+
+def check_latent_values(latent: Tensor, name: str = "latent") -> None:
+    """Refuse NaN, infinite and absurdly large latent values (one aminmax pass), naming `name`; any latent layout
+    (v1 [B, 8, 16, T], 1.5 [B, C, T])."""
     low, high = (float(v) for v in torch.aminmax(latent.detach()))  # one pass: NaN, infinities and magnitude
     if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError(f"{name} contains NaN or infinite values")
     if max(-low, high) > MAX_LATENT_MAGNITUDE:
         raise ValueError(f"{name} values reach {max(-low, high):g}; ACE-Step latents stay within a few units: make "
                          "the latent with the ACE-Step nodes")
-    return latent

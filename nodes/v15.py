@@ -25,10 +25,12 @@ from pathlib import Path
 import torch
 
 from ..acestep_core.audio import resample
+from ..acestep_core.latent import check_latent_values
 from ..acestep_core.v15 import hub
 from ..acestep_core.v15 import pipeline as P
 from ..acestep_core.v15.generate import MAX_SEED, SamplerOptions
 from ..acestep_core.v15.loading import checkpoint_family
+from ..acestep_core.v15.lora import MAX_STRENGTH as MAX_LORA_STRENGTH
 from ..acestep_core.v15.lora import ensure_adapters, load_adapter_file
 from ..acestep_core.v15.tasks import HANDLER_REPAINT_CROSSFADE_FRAMES, HANDLER_REPAINT_INJECTION_RATIO
 from ..acestep_core.v15.prompts import (NOT_GIVEN, TRACK_NAMES, VALID_KEYSCALES, VALID_LANGUAGES,
@@ -109,6 +111,15 @@ def _handle(model, name: str = "model") -> Model15Handle:
                      f"(e.g. {hub.DEFAULT_DIT} of {hub.MAIN_REPO}) with the ACE-Step Loader")
 
 
+def _same_family(model, **inputs) -> None:
+    """A v1 model given 1.5 inputs: one message that names each of them, not only the model."""
+    named = [name for name, value in inputs.items() if is_latent(value) or is_cond(value)]
+    if named and not is_handle(model):
+        raise ValueError(f"{' and '.join(named)} {'is' if len(named) == 1 else 'are'} for ACE-Step 1.5 but model is "
+                         f"an ACE-Step v1 model; load a 1.5 checkpoint for {', '.join(named)}, or make "
+                         f"{'it' if len(named) == 1 else 'them'} with the v1 model")
+
+
 def _cond(cond, name: str = "conditioning") -> Cond15:
     if isinstance(cond, Cond15):
         return cond
@@ -123,11 +134,13 @@ def _latent(latent, name: str = "latent") -> torch.Tensor:
         raise ValueError(f"{name} is not an ACE-Step 1.5 latent [batch, {CHANNELS}, frames] (got {shape}); make it "
                          "with ACE-Step 1.5 Empty Latent or ACE-Step Encode Audio on a 1.5 model")
     samples = latent["samples"]
-    if not samples.is_floating_point() or samples.shape[0] < 1 or samples.shape[-1] < 1 \
-            or not torch.isfinite(samples).all():
-        raise ValueError(f"{name} must be a non-empty latent with finite values")
+    if not samples.is_floating_point() or samples.shape[0] < 1 or samples.shape[-1] < 1:
+        raise ValueError(f"{name} must be a non-empty float latent, got {samples.dtype} {tuple(samples.shape)}")
+    if samples.shape[0] > P.MAX_BATCH:
+        raise ValueError(f"{name} has a batch of {samples.shape[0]}; ACE-Step 1.5 takes 1 to {P.MAX_BATCH} at once")
     if samples.shape[-1] > MAX_SECONDS * LATENT_RATE:
         raise ValueError(f"{name} is longer than {MAX_SECONDS:.0f} s; ACE-Step 1.5 takes at most that")
+    check_latent_values(samples, name)  # NaN, infinities and magnitude (as for a v1 latent)
     return samples
 
 
@@ -168,8 +181,10 @@ def with_lora(model, path: Path, strength: float) -> tuple:
     LoKr, ComfyUI names; acestep_core/v15/lora.py). The scale is always the file's own (PEFT lora_alpha / r), as
     the official 1.5 handler applies it."""
     handle = _handle(model)
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
-        raise ValueError(f"strength must be a finite number, got {strength!r}")
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
+            or abs(strength) > MAX_LORA_STRENGTH:
+        raise ValueError(f"strength must be a finite number in [-{MAX_LORA_STRENGTH:g}, {MAX_LORA_STRENGTH:g}] (the "
+                         f"widget offers -3..3), got {strength!r:.200}")
     if strength == 0:
         return (handle,)
     files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + sorted(path.glob("*.json"))
@@ -208,13 +223,13 @@ def text_encode(model, tags: str, lyrics: str, bpm: int = 0, keyscale: str = NOT
     if not isinstance(tags, str) or not isinstance(lyrics, str):
         raise ValueError("tags and lyrics must be text")
     if isinstance(bpm, bool) or not isinstance(bpm, int) or not (bpm == 0 or 30 <= bpm <= 300):
-        raise ValueError(f"bpm must be 0 (not given) or an integer in [30, 300], got {bpm!r}")
+        raise ValueError(f"bpm must be 0 (not given) or an integer in [30, 300], got {bpm!r:.200}")
     if keyscale not in KEYSCALES:
-        raise ValueError(f"keyscale must be {NOT_GIVEN} or a key like 'C major' / 'F# minor', got {keyscale!r}")
+        raise ValueError(f"keyscale must be {NOT_GIVEN} or a key like 'C major' / 'F# minor', got {keyscale!r:.200}")
     if timesignature not in TIME_SIGNATURES:
-        raise ValueError(f"timesignature must be one of {', '.join(TIME_SIGNATURES)}, got {timesignature!r}")
+        raise ValueError(f"timesignature must be one of {', '.join(TIME_SIGNATURES)}, got {timesignature!r:.200}")
     if language not in VALID_LANGUAGES:
-        raise ValueError(f"language must be one of {', '.join(VALID_LANGUAGES)}, got {language!r}")
+        raise ValueError(f"language must be one of {', '.join(VALID_LANGUAGES)}, got {language!r:.200}")
     cond = Cond15(tags, lyrics, language, bpm or None, None if keyscale == NOT_GIVEN else keyscale,
                   None if timesignature == NOT_GIVEN else timesignature)
     build_prompts("text2music", cond.caption, cond.lyrics, cond.language, bpm=cond.bpm, keyscale=cond.keyscale,
@@ -229,7 +244,7 @@ def check_v1_text_fields(bpm: int = 0, keyscale: str = NOT_GIVEN, timesignature:
                                ("timesignature", timesignature, NOT_GIVEN), ("language", language, "en")):
         if value != unset:
             raise ValueError(f"{name} applies to ACE-Step 1.5 models only; this is a v1 model (write the tempo, key "
-                             f"and language into the tags instead), or set {name} back to {unset!r}")
+                             f"and language into the tags instead), or set {name} back to {unset!r:.200}")
 
 
 def _text(cond: Cond15) -> dict:
@@ -239,7 +254,7 @@ def _text(cond: Cond15) -> dict:
 # ------------------------------------------------------------------------------------------------ sampling
 def _seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
+        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r:.200}")
     return seed
 
 
@@ -249,16 +264,17 @@ def options(bundle: P.Bundle15, steps: int, guidance_scale: float, shift: float 
     `steps` with guidance; shift 0 = the variant's official default (turbo 3, base 1); repaint and lego use the
     handler's step injection 0.5 and 12-frame crossfade (what `pipeline.run` uses without options)."""
     if scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler must be one of {tuple(SCHEDULERS)} for an ACE-Step 1.5 model, got {scheduler!r}")
+        raise ValueError(f"scheduler must be one of {tuple(SCHEDULERS)} for an ACE-Step 1.5 model, got "
+                         f"{scheduler!r:.200}")
     if cfg_type not in GUIDANCES:
-        raise ValueError(f"cfg_type must be one of {tuple(GUIDANCES)} for an ACE-Step 1.5 model, got {cfg_type!r}")
+        raise ValueError(f"cfg_type must be one of {tuple(GUIDANCES)} for an ACE-Step 1.5 model, got {cfg_type!r:.200}")
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
-        raise ValueError(f"steps must be an integer in [1, 1000], got {steps!r}")
+        raise ValueError(f"steps must be an integer in [1, 1000], got {steps!r:.200}")
     if bundle.variant == "turbo" and steps != TURBO_STEPS:
         raise ValueError(f"steps: the 1.5 turbo model runs its fixed {TURBO_STEPS}-step schedule; set steps to "
                          f"{TURBO_STEPS} (or load a base/sft model for other step counts)")
     if not isinstance(shift, (int, float)) or not math.isfinite(shift) or not 0 <= shift <= 100:
-        raise ValueError(f"shift must be 0 (the model's default) or a number in (0, 100], got {shift!r}")
+        raise ValueError(f"shift must be 0 (the model's default) or a number in (0, 100], got {shift!r:.200}")
     return SamplerOptions(variant=bundle.variant, steps=None if bundle.variant == "turbo" else steps,
                           shift=None if shift == 0 else float(shift), guidance_scale=float(guidance_scale),
                           guidance=GUIDANCES[cfg_type], sampler=SCHEDULERS[scheduler],
@@ -293,6 +309,7 @@ def sample(model, conditioning, latent: dict, seed: int, steps: int, scheduler: 
            retake_seed: int = 0, collect_lyric_timing: bool = False, seeds: str = "") -> tuple:
     """The Sampler's 1.5 branch: text2music for a plain 1.5 latent, repaint for one marked by Repaint Region.
     omega_scale and retake_seed are v1 settings (no 1.5 counterpart) and are not read."""
+    _same_family(model, conditioning=conditioning, latent=latent)
     handle, cond, samples = _handle(model), _cond(conditioning), _latent(latent)
     if options is not None:
         raise ValueError("options: ACE-Step Sampler Options hold v1 settings; disconnect them for a 1.5 model")
@@ -309,12 +326,10 @@ def sample(model, conditioning, latent: dict, seed: int, steps: int, scheduler: 
     if mark is None:
         result = _run(handle, "text2music", cond, seed, batch, opts_args, frames=frames)
     else:
-        if not isinstance(mark, dict) or mark.get("task") != "repaint":
-            raise ValueError(f"latent carries an unreadable ACE-Step 1.5 mark {mark!r}; rebuild it with Repaint Region")
+        start, end = _repaint_mark(mark, frames)
         if batch > 1 and not bool((samples == samples[:1]).all()):
             raise ValueError(f"latent holds {batch} different songs; a 1.5 repaint takes one source song (its batch "
                              "comes from copies of it): encode one clip")
-        start, end = int(mark["start_frame"]), int(mark["end_frame"])
         # seconds that land on the marked frames under the pipeline's int(s·48000 // 1920)
         span = ((start + 0.5) / LATENT_RATE, None if end >= frames else (end + 0.5) / LATENT_RATE)
         result = _run(handle, "repaint", cond, seed, batch, opts_args,
@@ -324,12 +339,26 @@ def sample(model, conditioning, latent: dict, seed: int, steps: int, scheduler: 
     return (out,)
 
 
+def _repaint_mark(mark, frames: int) -> tuple[int, int]:
+    """The frames [start, end) a Repaint Region mark names, checked against the latent's `frames`."""
+    def frame(key):
+        value = mark.get(key) if isinstance(mark, dict) else None
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    start, end = frame("start_frame"), frame("end_frame")
+    if not isinstance(mark, dict) or mark.get("task") != "repaint" or start is None or end is None \
+            or not 0 <= start < end <= frames:
+        raise ValueError(f"latent carries an unreadable ACE-Step 1.5 repaint mark {mark!r:.200} (for {frames} "
+                         "frames); rebuild it with Repaint Region")
+    return start, end
+
+
 def empty_latent(seconds: float, batch_size: int) -> tuple:
     """An empty 1.5 latent: zeros [B, 64, round(seconds·25)] (ComfyUI's EmptyAceStep1.5LatentAudio)."""
     if not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or not 0 < seconds <= MAX_SECONDS:
-        raise ValueError(f"seconds must be in (0, {MAX_SECONDS:.0f}], got {seconds!r}")
+        raise ValueError(f"seconds must be in (0, {MAX_SECONDS:.0f}], got {seconds!r:.200}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= P.MAX_BATCH:
-        raise ValueError(f"batch_size must be an integer in [1, {P.MAX_BATCH}], got {batch_size!r}")
+        raise ValueError(f"batch_size must be an integer in [1, {P.MAX_BATCH}], got {batch_size!r:.200}")
     frames = max(1, round(seconds * LATENT_RATE))
     return ({"samples": torch.zeros(batch_size, CHANNELS, frames), "type": "audio"},)
 
@@ -341,7 +370,7 @@ def repaint_region(latent: dict, start_seconds: float, end_seconds: float, audio
     duration = frames / LATENT_RATE
     for name, value in (("start_seconds", start_seconds), ("end_seconds", end_seconds)):
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
+            raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r:.200}")
     if end_seconds <= start_seconds:
         raise ValueError(f"end_seconds ({end_seconds}) must be after start_seconds ({start_seconds})")
     start, end = int(start_seconds * P.SAMPLE_RATE // P.HOP), int(end_seconds * P.SAMPLE_RATE // P.HOP)
@@ -349,7 +378,8 @@ def repaint_region(latent: dict, start_seconds: float, end_seconds: float, audio
         raise ValueError(f"end_seconds ({end_seconds}) is past the end of the source latent ({duration:.2f} s); set "
                          f"end_seconds to at most {duration:.2f}")
     if end <= start:
-        raise ValueError(f"the region {start_seconds}-{end_seconds} s is shorter than one latent frame (0.04 s)")
+        raise ValueError(f"start_seconds to end_seconds ({start_seconds}-{end_seconds} s) is shorter than one latent "
+                         "frame (0.04 s)")
     out = dict(latent)
     out[MARK] = {"task": "repaint", "start_frame": start, "end_frame": end}
     mask = torch.zeros(samples.shape[0], 1, frames)
@@ -380,7 +410,8 @@ def encode(model, audio: dict) -> tuple:
 def decode(model, latent: dict, sample_rate: str) -> tuple:
     """The Decode node's 1.5 branch: the 1.5 VAE (48 kHz) with the handler's anti-clipping; 44100 resamples."""
     if str(sample_rate) not in OUTPUT_RATES:
-        raise ValueError(f"sample_rate must be one of {OUTPUT_RATES}, got {sample_rate!r}")
+        raise ValueError(f"sample_rate must be one of {OUTPUT_RATES}, got {sample_rate!r:.200}")
+    _same_family(model, latent=latent)
     samples = _latent(latent)
     bundle = bundle_for(_handle(model), ("vae",))
     channels = bundle.model.config.audio_acoustic_hidden_dim
@@ -402,7 +433,7 @@ def decode(model, latent: dict, sample_rate: str) -> tuple:
 # ------------------------------------------------------------------------------------------------ task nodes
 def _track(name: str, value) -> str:
     if not isinstance(value, str) or value.strip().lower() not in TRACK_NAMES:
-        raise ValueError(f"{name} must be one of {', '.join(TRACK_NAMES)}; got {value!r}")
+        raise ValueError(f"{name} must be one of {', '.join(TRACK_NAMES)}; got {value!r:.200}")
     return value.strip().lower()
 
 
@@ -413,7 +444,8 @@ def track_list(name: str, text) -> list[str]:
     return [_track(name, part) for part in text.split(",") if part.strip()]
 
 
-def _audio(audio, name: str) -> tuple[torch.Tensor, int]:
+def _clip(audio, name: str) -> tuple[torch.Tensor, int]:
+    """One checked clip [channels, samples] of an AUDIO input and its rate."""
     from . import wire
 
     waveform, rate = wire.check_audio(audio, name)
@@ -421,6 +453,12 @@ def _audio(audio, name: str) -> tuple[torch.Tensor, int]:
         raise ValueError(f"{name}: give one clip (got a batch of {waveform.shape[0]}); the batch comes from "
                          "batch_size")
     return waveform[0], rate
+
+
+def _audio(audio, name: str) -> tuple[torch.Tensor, int]:
+    """An AUDIO input as the pipeline takes it: stereo 48 kHz (`pipeline.prepare_audio`, which the pipeline applies
+    again as a no-op), checked here so that every message names the node's input."""
+    return P.prepare_audio(*_clip(audio, name), name), P.SAMPLE_RATE
 
 
 def _sampling_inputs(default_steps: int = TURBO_STEPS) -> dict:
@@ -445,11 +483,12 @@ def _opts(steps, guidance_scale, shift) -> dict:
 
 
 def _source_task(task: str, model, conditioning, source, seed, steps, guidance_scale, shift, batch_size,
-                 **kw) -> tuple:
+                 source_name: str = "source", **kw) -> tuple:
     handle, cond = _handle(model), _cond(conditioning)
-    waveform, rate = _audio(source, "source")
+    waveform, rate = _clip(source, source_name)
+    prepared = P.prepare_audio(waveform, rate, source_name)  # checked here so that messages name the input
     result = _run(handle, task, cond, seed, batch_size, _opts(steps, guidance_scale, shift),
-                  source_audio=waveform, source_sample_rate=rate, **kw)
+                  source_audio=prepared, source_sample_rate=P.SAMPLE_RATE, **kw)
     frames = int(round(waveform.shape[-1] / rate * P.SAMPLE_RATE)) // P.HOP
     return (_wrap(result.latents, max(1, frames)),)
 
@@ -615,7 +654,7 @@ def stemgen(model, reference: dict, instrument: str, seed: int, steps: int, guid
     track = _track("instrument", instrument)
     extra = {} if instrument_audio is None else {"reference_audio": _audio(instrument_audio, "instrument_audio")}
     (latent,) = _source_task("lego", model, Cond15(caption=track, lyrics=""), reference, seed, steps,
-                             guidance_scale, 0.0, 1, track_name=track, **extra)
+                             guidance_scale, 0.0, 1, source_name="reference", track_name=track, **extra)
     return _pair(model, latent, reference, sample_rate)
 
 
@@ -626,7 +665,7 @@ def singing2accompaniment(model, vocal: dict, tags: str, seed: int, steps: int, 
     _no_v1_extras(stemgen, options)
     classes = [t for t in TRACK_NAMES if t not in ("vocals", "backing_vocals")]
     (latent,) = _source_task("complete", model, Cond15(caption=tags, lyrics=""), vocal, seed, steps,
-                             guidance_scale, 0.0, 1, complete_track_classes=classes)
+                             guidance_scale, 0.0, 1, source_name="vocal", complete_track_classes=classes)
     (song,) = decode(model, latent, sample_rate)
     return (song, song)
 
@@ -634,8 +673,7 @@ def singing2accompaniment(model, vocal: dict, tags: str, seed: int, steps: int, 
 def _pair(model, latent: dict, source: dict, sample_rate: str) -> tuple:
     """(decoded part, source + part), the source brought to the output rate and stereo as the pipeline does."""
     (part,) = decode(model, latent, sample_rate)
-    waveform, rate = _audio(source, "reference")
-    src = P.prepare_audio(waveform, rate, "reference")
+    src, _ = _audio(source, "reference")
     if int(sample_rate) != P.SAMPLE_RATE:
         src = resample(src, P.SAMPLE_RATE, int(sample_rate))
     n = min(src.shape[-1], part["waveform"].shape[-1])
