@@ -156,6 +156,17 @@ def model_folders(category: str) -> list[Path]:
     return folders
 
 
+def comfy_qwen_tokenizer() -> Path | None:
+    """The Qwen tokenizer folder ComfyUI ships (comfy/text_encoders/qwen25_tokenizer, which its ACE-Step 1.5 text
+    encoder reads), or None outside ComfyUI or when this ComfyUI has none."""
+    comfy = comfy_module("comfy")
+    origin = getattr(comfy, "__file__", None) if comfy is not None else None
+    if not origin:
+        return None
+    folder = Path(origin).parent / "text_encoders" / "qwen25_tokenizer"
+    return folder if (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file() else None
+
+
 def download_folder() -> Path:
     """Where a Hugging Face repo id is downloaded: models/ace_step (ComfyUI), else the first fallback root."""
     folder_paths = comfy_module("folder_paths")
