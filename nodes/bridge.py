@@ -149,7 +149,10 @@ def model_folders(category: str) -> list[Path]:
     if folder_paths is not None:
         if category == ACE_STEP_CATEGORY:
             register_ace_step_folder(folder_paths)
-        return [Path(p) for p in folder_paths.get_folder_paths(category)]
+        try:
+            return [Path(p) for p in folder_paths.get_folder_paths(category)]
+        except KeyError:  # a category this ComfyUI does not have (an older one without `text_encoders`)
+            return []
     folders = []
     for root in _fallback_roots():
         folders.extend([root, root / category])
