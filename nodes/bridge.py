@@ -160,8 +160,9 @@ def model_folders(category: str) -> list[Path]:
 
 
 def comfy_qwen_tokenizer() -> Path | None:
-    """The Qwen tokenizer folder ComfyUI ships (comfy/text_encoders/qwen25_tokenizer, which its ACE-Step 1.5 text
-    encoder reads), or None outside ComfyUI or when this ComfyUI has none."""
+    """The Qwen tokenizer folder ComfyUI ships (comfy/text_encoders/qwen25_tokenizer: ComfyUI's own 1.5 text
+    encoder, `Qwen3Tokenizer` in comfy/text_encoders/ace15.py, reads this folder), or None outside ComfyUI or when
+    this ComfyUI has none. Only the package's location is read: nothing of ComfyUI is imported beyond `comfy`."""
     comfy = comfy_module("comfy")
     origin = getattr(comfy, "__file__", None) if comfy is not None else None
     if not origin:

@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from comfyui_helpers import COMFYUI_DIR, comfyui_mark, require_comfyui
 from conftest import TINY, VOCAB
 from pack_loader import load_pack
 from tiny15 import MAIN, write_tiny15
@@ -188,3 +189,19 @@ def test_without_comfyuis_tokenizer_the_loader_says_so(monkeypatch):
     assert bridge.comfy_qwen_tokenizer() is None
     with pytest.raises(ValueError, match="qwen25_tokenizer"):
         load(SPLIT)
+
+
+@comfyui_mark()
+def test_comfyuis_own_qwen_tokenizer_is_found_and_fits_the_text_encoder(monkeypatch):
+    """In a real ComfyUI checkout the bridge finds comfy/text_encoders/qwen25_tokenizer (the folder ComfyUI's own
+    1.5 text encoder reads); its ids fit Qwen3-Embedding-0.6B's table and the prompt's end marker is one token."""
+    if not COMFYUI_DIR:
+        require_comfyui()
+    comfy = types.ModuleType("comfy")
+    comfy.__file__ = str(Path(COMFYUI_DIR) / "comfy" / "__init__.py")
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    folder = bridge.comfy_qwen_tokenizer()
+    assert folder == Path(COMFYUI_DIR) / "comfy" / "text_encoders" / "qwen25_tokenizer"
+    tokenizer = TE.load_tokenizer(folder)
+    assert len(tokenizer) == TE.QWEN3_EMBEDDING_06B["vocab_size"]
+    assert tokenizer("<|endoftext|>")["input_ids"] == [tokenizer.pad_token_id]
