@@ -160,8 +160,8 @@ def model_folders(category: str) -> list[Path]:
 
 
 def comfy_qwen_tokenizer() -> Path | None:
-    """The Qwen tokenizer folder ComfyUI ships (comfy/text_encoders/qwen25_tokenizer: ComfyUI's own 1.5 text
-    encoder, `Qwen3Tokenizer` in comfy/text_encoders/ace15.py, reads this folder), or None outside ComfyUI or when
+    """The Qwen tokenizer folder ComfyUI ships (comfy/text_encoders/qwen25_tokenizer: ComfyUI's own 1.5 tokenizer,
+    `ACE15Tokenizer` in comfy/text_encoders/ace15.py, reads it through its `Qwen3Tokenizer`), or None outside ComfyUI or when
     this ComfyUI has none. Only the package's location is read: nothing of ComfyUI is imported beyond `comfy`."""
     comfy = comfy_module("comfy")
     origin = getattr(comfy, "__file__", None) if comfy is not None else None
