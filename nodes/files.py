@@ -165,9 +165,10 @@ def parts15(dit_file: Path) -> dict[str, Path]:
         def safetensors(category: str) -> list[Path]:
             return list(_files15(category, lambda p: p.suffix == bridge.SAFETENSORS).values())
 
+        name = f"{dit_file.name} (an ACE-Step 1.5 diffusion model)"
         parts["text_path"] = repack.pick_text_encoder(shapes, safetensors("text_encoders"),
-                                                      _folder_names("text_encoders"))
-        parts["vae_path"] = repack.pick_vae(safetensors("vae"), _folder_names("vae"))
+                                                      _folder_names("text_encoders"), name)
+        parts["vae_path"] = repack.pick_vae(safetensors("vae"), _folder_names("vae"), name)
     tokenizer = bridge.comfy_qwen_tokenizer()
     if tokenizer is None:
         raise ValueError(f"{dit_file.name}: ComfyUI's ACE-Step 1.5 files carry no tokenizer and ComfyUI's own Qwen "

@@ -163,7 +163,7 @@ def test_a_missing_part_gives_one_clear_error(fake_comfyui, monkeypatch, tmp_pat
     with pytest.raises(ValueError) as err:
         load(SPLIT)
     message = str(err.value)
-    assert expected in message and str(empty) in message and repack.COMFY_REPO in message
+    assert expected in message and str(empty) in message and repack.COMFY_REPO in message and SPLIT in message
     assert "\n" not in message
 
 

@@ -93,23 +93,24 @@ def _pick(candidates: Iterable[Path], ok: Callable[[Shapes], bool], preferred: s
     return None
 
 
-def pick_text_encoder(dit_shapes: Shapes, candidates: Iterable[Path], folder: str) -> Path:
+def pick_text_encoder(dit_shapes: Shapes, candidates: Iterable[Path], folder: str,
+                      model_name: str = "this ACE-Step 1.5 diffusion model") -> Path:
     """The Qwen3 text encoder whose width the DiT reads (never the 1.7B / 4B LM files) among `candidates`."""
     width = text_width_wanted(dit_shapes)
     found = _pick(candidates, lambda s: text_encoder_width(s) == width and dit_prefix(s) is None, TEXT_FILE)
     if found is None:
         raise CheckpointError(
-            f"this ACE-Step 1.5 diffusion model needs its text encoder (Qwen3-Embedding-0.6B, width {width}): put "
+            f"{model_name} needs its text encoder (Qwen3-Embedding-0.6B, width {width}): put "
             f"{TEXT_FILE} (from {COMFY_REPO}, split_files/text_encoders/) into {folder}; no such text encoder is "
             "there (qwen_1.7b / qwen_4b are the audio-code LMs, not used here)")
     return found
 
 
-def pick_vae(candidates: Iterable[Path], folder: str) -> Path:
+def pick_vae(candidates: Iterable[Path], folder: str, model_name: str = "this ACE-Step 1.5 diffusion model") -> Path:
     """The 48 kHz Oobleck VAE among `candidates`."""
     found = _pick(candidates, lambda s: is_vae48(s) and dit_prefix(s) is None, VAE_FILE)
     if found is None:
         raise CheckpointError(
-            f"this ACE-Step 1.5 diffusion model needs the ACE-Step 1.5 VAE (48 kHz Oobleck): put {VAE_FILE} (from "
+            f"{model_name} needs the ACE-Step 1.5 VAE (48 kHz Oobleck): put {VAE_FILE} (from "
             f"{COMFY_REPO}, split_files/vae/) into {folder}; no such VAE is there")
     return found
