@@ -149,11 +149,26 @@ def model_folders(category: str) -> list[Path]:
     if folder_paths is not None:
         if category == ACE_STEP_CATEGORY:
             register_ace_step_folder(folder_paths)
-        return [Path(p) for p in folder_paths.get_folder_paths(category)]
+        try:
+            return [Path(p) for p in folder_paths.get_folder_paths(category)]
+        except KeyError:  # a category this ComfyUI does not have (an older one without `text_encoders`)
+            return []
     folders = []
     for root in _fallback_roots():
         folders.extend([root, root / category])
     return folders
+
+
+def comfy_qwen_tokenizer() -> Path | None:
+    """The Qwen tokenizer folder ComfyUI ships (comfy/text_encoders/qwen25_tokenizer: ComfyUI's own 1.5 tokenizer,
+    `ACE15Tokenizer` in comfy/text_encoders/ace15.py, reads it through its `Qwen3Tokenizer`), or None outside ComfyUI or when
+    this ComfyUI has none. Only the package's location is read: nothing of ComfyUI is imported beyond `comfy`."""
+    comfy = comfy_module("comfy")
+    origin = getattr(comfy, "__file__", None) if comfy is not None else None
+    if not origin:
+        return None
+    folder = Path(origin).parent / "text_encoders" / "qwen25_tokenizer"
+    return folder if (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file() else None
 
 
 def download_folder() -> Path:

@@ -32,7 +32,9 @@ def repo_path(repo_id: str) -> Path:
 class AceStepLoader:
     DESCRIPTION = (
         "Loads an ACE-Step v1 checkpoint (Hugging Face folder from models/ace_step, or the all-in-one file from "
-        "models/checkpoints) or an ACE-Step 1.5 folder (told apart by the weights). The model stays cached and is "
+        "models/checkpoints) or ACE-Step 1.5 (a folder in models/ace_step, or ComfyUI's repackaged files: a diffusion "
+        "model in models/diffusion_models with models/text_encoders and models/vae, or an all-in-one file in "
+        "models/checkpoints), told apart by the weights. The model stays cached and is "
         "shared by every loader with the same checkpoint, dtype and device."
     )
     CATEGORY = CATEGORY
@@ -50,7 +52,9 @@ class AceStepLoader:
                                "music_vocoder/, umt5-base/ in models/ace_step, or ace_step_v1_3.5b.safetensors in "
                                "models/checkpoints; or ACE-Step 1.5: the Ace-Step1.5 folder (vae/, "
                                "Qwen3-Embedding-0.6B/, acestep-v15-turbo/) or a DiT folder such as acestep-v15-base "
-                               "beside it.",
+                               "beside it, or ComfyUI's 1.5 files (acestep_v1.5_*.safetensors in "
+                               "models/diffusion_models with qwen_0.6b_ace15.safetensors in models/text_encoders and "
+                               "ace_1.5_vae.safetensors in models/vae; or an all-in-one file in models/checkpoints).",
                 }),
                 "dtype": (["auto", *DTYPES], {
                     "default": "auto",
@@ -92,7 +96,8 @@ class AceStepLoader:
         listing = files.checkpoints()
         if checkpoint in listing or not listing:
             return True
-        return (f"checkpoint {checkpoint!r} is not in models/ace_step or models/checkpoints; pick a listed one "
+        return (f"checkpoint {checkpoint!r} is not in models/ace_step, models/checkpoints or (ACE-Step 1.5) "
+                "models/diffusion_models; pick a listed one "
                 "(with repo_id set, any listed value will do: the download is used instead)")
 
     def load(self, checkpoint: str, dtype: str, device: str, repo_id: str = "", low_vram: bool = False,

@@ -35,7 +35,7 @@ from ..acestep_core.v15.lora import ensure_adapters, load_adapter_file
 from ..acestep_core.v15.tasks import HANDLER_REPAINT_CROSSFADE_FRAMES, HANDLER_REPAINT_INJECTION_RATIO
 from ..acestep_core.v15.prompts import (NOT_GIVEN, TRACK_NAMES, VALID_KEYSCALES, VALID_LANGUAGES,
                                         VALID_TIME_SIGNATURES, build_prompts)
-from . import bridge, comfy_models
+from . import bridge, comfy_models, files
 from . import model as v1_model
 from .cache import ModelKey
 from .wire import CATEGORY, COND, MODEL
@@ -154,9 +154,11 @@ def _wrap(latents: torch.Tensor, frames: int) -> dict:
 def _load(key: ModelKey, variant: str | None) -> P.Bundle15:
     device = bridge.staging_device(torch.device(key.device))
     bridge.free_memory(v1_model._weights_bytes(Path(key.path)), device)  # as for a v1 model (nodes/model.py)
+    path = Path(key.path)
+    parts = files.parts15(path) if path.is_file() else {}  # ComfyUI's repackaged files (nodes/files.py)
     progress = bridge.Progress(3)
     return hub.load_bundle15(key.path, variant=variant, dtype=getattr(torch, key.dtype), device=device,
-                             progress=lambda name, done, total: progress.update(done, total))
+                             progress=lambda name, done, total: progress.update(done, total), **parts)
 
 
 def bundle_for(handle: Model15Handle, components=comfy_models.ALL_15) -> P.Bundle15:
