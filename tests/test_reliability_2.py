@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, TINY_FOLDER, TINY_LORA, VOCAB
+from comfy_fakes import Interrupted, install_interrupting_comfy
 from pack_loader import load_pack
 
 pack = load_pack()
@@ -440,32 +441,10 @@ def test_lone_surrogates_and_huge_texts_are_refused_naming_the_field(handle, unt
 # cancel inside the codec's model calls
 
 
-class Interrupted(Exception):
-    """Stands in for comfy.model_management.InterruptProcessingException."""
-
-
 @pytest.fixture
 def comfy(monkeypatch):
-    state = types.SimpleNamespace(checks=0, interrupt_at=None)
-
-    def throw_exception_if_processing_interrupted():
-        state.checks += 1
-        if state.interrupt_at is not None and state.checks >= state.interrupt_at:
-            state.interrupt_at = None
-            raise Interrupted("Processing interrupted")
-
-    mm = types.ModuleType("comfy.model_management")
-    mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
-    mm.soft_empty_cache = lambda force=False: None
-    mm.free_memory = lambda num_bytes, device: None
-    mm.get_torch_device = lambda: torch.device("cpu")
-    utils = types.ModuleType("comfy.utils")
-    utils.ProgressBar = lambda total: types.SimpleNamespace(update_absolute=lambda value, total=None: None)
-    root = types.ModuleType("comfy")
-    root.utils, root.model_management = utils, mm
-    for name, module in (("comfy", root), ("comfy.utils", utils), ("comfy.model_management", mm)):
-        monkeypatch.setitem(sys.modules, name, module)
-    return state
+    """Fake `comfy.utils` / `comfy.model_management`: the interrupt check raises once `interrupt_at` checks ran."""
+    return install_interrupting_comfy(monkeypatch)
 
 
 def test_cancel_is_checked_before_every_layer_of_the_decoder_and_vocoder(handle, comfy, monkeypatch, untouched):
