@@ -11,6 +11,7 @@ from . import bridge, files, v15
 from .model import DEVICES, DTYPES, LoraEntry, ModelHandle, choose_device, choose_dtype, make_key, model_for, read_lora
 from .wire import CATEGORY, MODEL
 
+V15_OPTION = "acestep_v15"  # extra option key read by web/js/v15_fields.js (ComfyUI passes it to the editor)
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -45,9 +46,13 @@ class AceStepLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
+        listing = files.checkpoints()
         return {
             "required": {
-                "checkpoint": (sorted(files.checkpoints()), {
+                "checkpoint": (sorted(listing), {
+                    # the listed ACE-Step 1.5 entries, told by their weights like load() does: the editor
+                    # (web/js/v15_fields.js) shows the Text Encode node's 1.5 fields only for these
+                    V15_OPTION: sorted(name for name, path in listing.items() if v15.is_path(path)),
                     "tooltip": "ACE-Step v1 checkpoint: a folder with ace_step_transformer/, music_dcae_f8c8/, "
                                "music_vocoder/, umt5-base/ in models/ace_step, or ace_step_v1_3.5b.safetensors in "
                                "models/checkpoints; or ACE-Step 1.5: the Ace-Step1.5 folder (vae/, "
@@ -69,6 +74,7 @@ class AceStepLoader:
             "optional": {
                 "repo_id": ("STRING", {
                     "default": "",
+                    V15_OPTION: sorted(v15.known_repos()),  # the 1.5 repo ids load() downloads (web/js/v15_fields.js)
                     "tooltip": f"Optional Hugging Face repo id (e.g. {DEFAULT_REPO}); downloaded once into "
                                "models/ace_step/<name> and used instead of checkpoint (1.5: ACE-Step/Ace-Step1.5 or "
                                "a 1.5 DiT repo such as ACE-Step/acestep-v15-base). Leave empty to use checkpoint.",

@@ -104,6 +104,11 @@ def is_repo(repo_id: str) -> bool:
     return hub.is_known_repo(repo_id)
 
 
+def known_repos() -> list[str]:
+    """The Hugging Face repo ids the loader downloads as ACE-Step 1.5."""
+    return list(hub.KNOWN_REPOS_15)
+
+
 def _handle(model, name: str = "model") -> Model15Handle:
     if isinstance(model, Model15Handle):
         return model

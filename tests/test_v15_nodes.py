@@ -367,3 +367,21 @@ def test_nodes_are_registered_with_track_name_choices():
         assert name in NODES and name in pack.NODE_DISPLAY_NAME_MAPPINGS
     for name in ("AceStep15Lego", "AceStep15Extract"):
         assert NODES[name].INPUT_TYPES()["required"]["track_name"][0] == list(TRACKS)
+
+
+def test_the_loader_lists_its_1_5_entries_for_the_editor(models_dir):
+    """web/js/v15_fields.js shows the Text Encode node's 1.5 fields for the entries the Loader lists under
+    acestep_v15: told by the weights (a renamed 1.5 folder is 1.5), never a v1 checkpoint."""
+    loaders = sys.modules[f"{pack.__name__}.nodes.loaders"]
+    renamed = models_dir / "my-music-model"
+    if not renamed.exists():
+        shutil.copytree(models_dir / MAIN, renamed)
+    inputs = NODES["AceStepLoader"].INPUT_TYPES()
+    names, options = inputs["required"]["checkpoint"]
+    listed = options[loaders.V15_OPTION]
+    assert {MAIN, BASE, "my-music-model"} <= set(listed) and set(listed) <= set(names)
+    assert "acestep-v1-tiny" in names and "acestep-v1-tiny" not in listed
+    assert all(v15.is_path(files.checkpoints()[name]) for name in listed)
+    repos = inputs["optional"]["repo_id"][1][loaders.V15_OPTION]
+    assert "ACE-Step/Ace-Step1.5" in repos and all(v15.is_repo(r) for r in repos)
+    assert not any(v15.is_repo(r) for r in ("ACE-Step/ACE-Step-v1-3.5B", ""))

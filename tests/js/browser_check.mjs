@@ -1,4 +1,4 @@
-// Headless Chromium test of the two extensions in the harness page (tests/js/harness*):
+// Headless Chromium test of the extensions in the harness page (tests/js/harness*):
 // renders the waveform widgets for synthetic sine files, checks pixels of the region,
 // drags with the mouse and reads the number widgets back, and clicks the lyrics toolbar.
 // Run: node tests/js/browser_check.mjs   (needs /usr/bin/chromium and npm's playwright-core;
@@ -242,6 +242,36 @@ describe("waveform region picker and lyrics helper in headless Chromium", () => 
     await page.evaluate(() => window.harness.render());
     assert.ok(!isWave(await pixel(REPAINT, repaintX(3.5, 4), ON_WAVE)), "no stale waveform");
     assert.ok(isHighlight(await pixel(REPAINT, PLOT.x0 + 1, ABOVE_WAVE)), "the region is still drawn");
+  });
+
+  it("the Text Encode 1.5 fields show only for a 1.5 loader and keep their values and places when hidden", async () => {
+    const fields = () => page.evaluate(() => window.harness.v15Fields());
+    const link = (name) => page.evaluate((n) => window.harness.linkModel(n), name);
+    const set = (name, value) => page.evaluate(([n, v]) => window.harness.setLoader(n, v), [name, value]);
+    const values = [["bpm", 96], ["keyscale", "C major"], ["timesignature", "3"], ["language", "de"]];
+    const expect = (hidden, what) => async () => {
+      const now = await fields();
+      assert.deepEqual(now.map((f) => [f.name, f.value]), values, `${what}: names and values in place`);
+      for (const f of now) {
+        assert.equal(f.hidden, hidden, `${what}: ${f.name} hidden`);
+        if (hidden) assert.equal(f.height, -4, `${what}: ${f.name} takes no room`);
+        else assert.ok(f.height === null || f.height > 0, `${what}: ${f.name} has its height back`);
+      }
+    };
+    await expect(false, "unlinked (family unknown)")();
+    await link("AceStepLoraLoader");
+    await expect(true, "a v1 checkpoint through a LoRA loader")();
+    await set("checkpoint", "Ace-Step1.5");
+    await expect(false, "a 1.5 checkpoint")();
+    await set("checkpoint", "acestep-v1-tiny");
+    await link("AceStepLoader");
+    await expect(true, "a v1 checkpoint linked directly")();
+    await set("repo_id", "ACE-Step/Ace-Step1.5");
+    await expect(false, "a 1.5 repo id over a v1 checkpoint")();
+    await set("repo_id", "");
+    await expect(true, "repo id cleared")();
+    await link(null);
+    await expect(false, "unlinked again")();
   });
 
   it("raised no page errors", async () => {

@@ -133,7 +133,9 @@ async function setup() {
   await import("/extensions/acestep/js/waveform_region.js");
   await import("/extensions/acestep/js/lyrics_helper.js");
   await import("/extensions/acestep/js/params_upload.js");
+  await import("/extensions/acestep/js/v15_fields.js");
   app.canvas.onDirty = render;
+  app.graph = { get _nodes() { return Object.values(nodes); }, setDirtyCanvas: () => {} };
 
   const loadAudio = (await defineNode({ name: "LoadAudio", input: { required: { audio: [[]] } } }, (node) => {
     node.widgets.push({ name: "audio", type: "combo", value: "harness/sine.wav" });
@@ -156,6 +158,23 @@ async function setup() {
     create();
   };
   await lyricsNode("AceStepTextEncode", ["lyrics"]);
+  // The 1.5 fields (web/js/v15_fields.js) after the lyrics, a LoRA Loader and a Loader to link them to.
+  const encode = nodes.AceStepTextEncode;
+  encode.inputs.push({ name: "model", type: "ACESTEP_MODEL", source: null });
+  for (const [name, type, value] of [["bpm", "number", 96], ["keyscale", "combo", "C major"], ["timesignature", "combo", "3"], ["language", "combo", "de"]]) {
+    encode.widgets.push({ name, type, value });
+  }
+  const choice = (name, value) => ({ name, type: "combo", value, callback(v) { this.value = v; } });
+  const loader = (await defineNode({
+    name: "AceStepLoader",
+    input: {
+      required: { checkpoint: [["Ace-Step1.5", "acestep-v1-tiny"], { acestep_v15: ["Ace-Step1.5"] }] },
+      optional: { repo_id: ["STRING", { default: "", acestep_v15: ["ACE-Step/Ace-Step1.5"] }] },
+    },
+  }, (node) => node.widgets.push(choice("checkpoint", "acestep-v1-tiny"), choice("repo_id", ""))))();
+  (await defineNode({ name: "AceStepLoraLoader", input: { required: { model: ["ACESTEP_MODEL"] } } }, (node) => {
+    node.inputs.push({ name: "model", type: "ACESTEP_MODEL", source: loader });
+  }))();
   await lyricsNode("AceStepFlowEdit", ["lyrics", "target_lyrics"]);
   await lyricsNode("SomeoneElsesNode", ["lyrics"]);
   const files = ["old_input_params.json"];
@@ -197,6 +216,23 @@ window.harness = {
   /** name, serialize and options.serialize of every widget, in order. */
   widgets: (nodeName) =>
     nodes[nodeName].widgets.map((w) => ({ name: w.name, serialize: w.serialize, options: w.options?.serialize })),
+  /** The Text Encode node's 1.5 widgets once the pending refresh ran: name, value, hidden, height. */
+  async v15Fields() {
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    return nodes.AceStepTextEncode.widgets.slice(-4).map((w) => ({
+      name: w.name, value: w.value, hidden: Boolean(w.hidden), height: w.computeSize ? w.computeSize(WIDTH)[1] : null,
+    }));
+  },
+  /** Link the Text Encode node's model input to a node (by name) or unlink it (null). */
+  linkModel(sourceName) {
+    const encode = nodes.AceStepTextEncode;
+    encode.inputs.find((input) => input.name === "model").source = sourceName ? nodes[sourceName] : null;
+    encode.onConnectionsChange?.();
+  },
+  /** Choose a value on the Loader as the user does. */
+  setLoader(widgetName, value) {
+    widget("AceStepLoader", widgetName).callback(value);
+  },
   /** Choose another file on the LoadAudio node, as the user does in its combo. */
   chooseFile(value) {
     widget("LoadAudio", "audio").value = value;
