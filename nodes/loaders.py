@@ -52,7 +52,7 @@ class AceStepLoader:
                 "checkpoint": (sorted(listing), {
                     # the listed ACE-Step 1.5 entries, told by their weights like load() does: the editor
                     # (web/js/v15_fields.js) shows the Text Encode node's 1.5 fields only for these
-                    V15_OPTION: sorted(name for name, path in listing.items() if v15.is_path(path)),
+                    V15_OPTION: sorted(name for name, path in listing.items() if v15.is_path_listed(path)),
                     "tooltip": "ACE-Step v1 checkpoint: a folder with ace_step_transformer/, music_dcae_f8c8/, "
                                "music_vocoder/, umt5-base/ in models/ace_step, or ace_step_v1_3.5b.safetensors in "
                                "models/checkpoints; or ACE-Step 1.5: the Ace-Step1.5 folder (vae/, "

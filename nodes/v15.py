@@ -100,6 +100,29 @@ def is_path(path: Path) -> bool:
         return False
 
 
+_FAMILY_HINTS: dict[tuple, bool] = {}
+
+
+def _stamp(path: Path) -> tuple:
+    """What changes when the weights at `path` change: its own mtime and size, and those of a folder's entries."""
+    entries = [path] + (sorted(path.iterdir()) if path.is_dir() else [])
+    return tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in entries)
+
+
+def is_path_listed(path: Path) -> bool:
+    """`is_path` for the Loader's list (asked on every /object_info and prompt validation): cached per file or
+    folder state, so an unchanged checkpoint's header is read once."""
+    try:
+        key = _stamp(Path(path))
+    except OSError:
+        return False
+    if key not in _FAMILY_HINTS:
+        if len(_FAMILY_HINTS) > 1024:
+            _FAMILY_HINTS.clear()
+        _FAMILY_HINTS[key] = is_path(Path(path))
+    return _FAMILY_HINTS[key]
+
+
 def is_repo(repo_id: str) -> bool:
     return hub.is_known_repo(repo_id)
 
