@@ -137,7 +137,7 @@ def environment(monkeypatch, models_dir):
 def handle(models_dir):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ACESTEP_MODELS_DIR", str(models_dir))
-        # Loads that fail must not evict the model under test: ModelCache.get evicts before it loads.
+        # Room beside the model under test, so no other load in this module evicts it (a failing load never does).
         mp.setattr(cache.MODELS, "capacity", max(cache.MODELS.capacity, len(cache.MODELS) + 2))
         (loaded,) = run("AceStepLoader", checkpoint="ace_step/acestep-v1-tiny", dtype="fp32", device="cpu")
         yield loaded

@@ -157,3 +157,24 @@ def run_encoder_layers(
     for i, layer in enumerate(layers):
         x = layer(x, rope, sliding if layer_types[i] == "sliding_attention" else full)
     return x
+
+
+def load_strict(module: nn.Module, state_dict, what: str, target: str, *, dtype=None, device=None,
+                hint: str = "") -> None:
+    """Load `state_dict` into `module` (built on meta) with strict names and shapes and assign=True, cast to
+    `dtype` (floating tensors) and moved to `device`; a mismatch is one ValueError naming `what` and `target`."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{what} weights do not match {target}: {len(missing)} missing (first: {missing[:5]}), "
+                         f"{len(unexpected)} unexpected (first: {unexpected[:5]}){hint}")
+    wrong = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if tuple(state_dict[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise ValueError(f"{what} weights have {len(wrong)} shape(s) unlike the config: {wrong[:5]}")
+    state = {}
+    for k, v in state_dict.items():
+        v = v.to(device=device) if device is not None else v
+        state[k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+    module.load_state_dict(state, strict=True, assign=True)

@@ -40,6 +40,7 @@ from torch import nn
 from .config import AceStepConfig
 from .dit import AceStepDiT
 from .encoders import AudioTokenDetokenizer, AudioTokenizer, ConditionEncoder
+from .layers import load_strict
 
 
 def _check(cond: bool, message: str) -> None:
@@ -181,21 +182,6 @@ def model_from_state_dict(
     if not isinstance(config, AceStepConfig):
         config = AceStepConfig.from_weights(shapes, config, model_version=model_version)
     model = build_model(config, "meta")
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"ACE-Step 1.5 weights do not match the model: {len(missing)} missing (first: {missing[:5]}), "
-            f"{len(unexpected)} unexpected (first: {unexpected[:5]}); pass the DiT file with official names"
-        )
-    wrong = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if tuple(state_dict[k].shape) != tuple(v.shape)]
-    if wrong:
-        raise ValueError(f"ACE-Step 1.5 weights have {len(wrong)} shape(s) unlike the config: {wrong[:5]}")
-    converted = {}
-    for k, v in state_dict.items():
-        v = v.to(device=device) if device is not None else v
-        converted[k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
-    model.load_state_dict(converted, strict=True, assign=True)
+    load_strict(model, state_dict, "ACE-Step 1.5", "the model", dtype=dtype, device=device,
+                hint="; pass the DiT file with official names")
     return model.eval().requires_grad_(False)

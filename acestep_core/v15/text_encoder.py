@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .layers import load_strict
+
 # Qwen/Qwen3-Embedding-0.6B config.json values (used when a ComfyUI single file carries no config).
 QWEN3_EMBEDDING_06B = {
     "vocab_size": 151669, "max_position_embeddings": 32768, "hidden_size": 1024, "intermediate_size": 3072,
@@ -133,23 +135,9 @@ def text_encoder_from_state_dict(sd: Mapping[str, torch.Tensor], config: Mapping
     if config is None:
         config = config_from_weights({k: tuple(v.shape) for k, v in sd.items()})
     model = build_text_model(config, "meta")
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"text-encoder weights do not match Qwen3Model: {len(missing)} missing (first: "
-                         f"{missing[:5]}), {len(unexpected)} unexpected (first: {unexpected[:5]})")
-    wrong = [f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if tuple(sd[k].shape) != tuple(v.shape)]
-    if wrong:
-        raise ValueError(f"text-encoder weights have {len(wrong)} shape(s) unlike the config: {wrong[:5]}")
-    state = {}
-    for k, v in sd.items():
-        v = v.to(device=device) if device is not None else v
-        state[k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
-    model.load_state_dict(state, strict=True, assign=True)
+    load_strict(model, sd, "text-encoder", "Qwen3Model", dtype=dtype, device=device)
     # Non-persistent buffers (rotary inv_freq) were made on meta: rebuild them on the weights' device.
-    target = next(iter(state.values())).device
+    target = next(model.parameters()).device
     rotary = getattr(model, "rotary_emb", None)
     if rotary is not None:
         with torch.device(target):

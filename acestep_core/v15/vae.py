@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import load_strict
+
 ProgressFn = Callable[[int, int], None]
 
 
@@ -436,19 +438,5 @@ def vae_from_state_dict(sd: Mapping[str, torch.Tensor], config: OobleckConfig | 
         config = OobleckConfig.from_weights({k: tuple(v.shape) for k, v in sd.items()})
     with torch.device("meta"):
         vae = AudioVAE(config)
-    expected = vae.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"VAE weights do not match the 1.5 Oobleck VAE: {len(missing)} missing (first: "
-                         f"{missing[:5]}), {len(unexpected)} unexpected (first: {unexpected[:5]})")
-    wrong = [f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if tuple(sd[k].shape) != tuple(v.shape)]
-    if wrong:
-        raise ValueError(f"VAE weights have {len(wrong)} shape(s) unlike the config: {wrong[:5]}")
-    state = {}
-    for k, v in sd.items():
-        v = v.to(device=device) if device is not None else v
-        state[k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
-    vae.load_state_dict(state, strict=True, assign=True)
+    load_strict(vae, sd, "VAE", "the 1.5 Oobleck VAE", dtype=dtype, device=device)
     return vae.eval().requires_grad_(False)
