@@ -20,7 +20,7 @@ import json
 import math
 import re
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -502,16 +502,19 @@ def _delta(pair: LoraModule, weight: torch.Tensor) -> torch.Tensor:
     return (up @ down).reshape(weight.shape)
 
 
-def _execute(plan: dict[str, tuple[nn.Module, list[tuple[LoraModule, float]]]], signature: tuple) -> LoraPatch:
-    """Patch the planned weights; if anything fails midway, restore what was patched and re-raise."""
+def _execute(plan: dict[str, tuple[nn.Module, list[tuple[Any, float]]]], signature: tuple,
+             delta: Callable[[Any, torch.Tensor], torch.Tensor] | None = None) -> LoraPatch:
+    """Patch the planned weights with Σ factor·delta(term, weight) (float32; default: a LoRA pair's B·A); if
+    anything fails midway, restore what was patched and re-raise. ACE-Step 1.5 adapters pass their own delta."""
+    delta = delta or _delta
     entries: list[tuple[str, nn.Parameter, torch.Tensor]] = []
     try:
         with torch.no_grad():
             for path, (module, terms) in plan.items():
                 weight = module.weight
                 total = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-                for pair, factor in terms:
-                    total.add_(_delta(pair, weight), alpha=factor)
+                for term, factor in terms:
+                    total.add_(delta(term, weight), alpha=factor)
                 backup = weight.detach().to("cpu", copy=True)
                 patched = (weight.detach().to(torch.float32) + total).to(weight.dtype)
                 if not bool(torch.isfinite(patched).all()):

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..lora import (LoraPatch, _content_digest, _parse_adapter_config, _pattern_value, _read_safetensors_header,
-                    _restore, _shorten)
+from ..lora import (LoraPatch, _content_digest, _execute, _parse_adapter_config, _pattern_value,
+                    _read_safetensors_header, _shorten)
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -379,24 +379,7 @@ def apply_adapters(model: nn.Module, adapters: Sequence[tuple[Adapters15, float]
     adapter is checked first, so a ValueError leaves the model untouched. `remove()` on the result restores the
     base weights bit for bit. Patches must be removed in the reverse order of their application."""
     plan = _plan(model, adapters)
-    entries: list[tuple[str, nn.Parameter, torch.Tensor]] = []
-    try:
-        with torch.no_grad():
-            for path, (module, terms) in plan.items():
-                weight = module.weight
-                total = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-                for adapter, factor in terms:
-                    total.add_(adapter.delta().to(weight.device), alpha=factor)
-                patched = (weight.detach().to(torch.float32) + total).to(weight.dtype)
-                if not bool(torch.isfinite(patched).all()):
-                    raise ValueError(f"LoRA makes {path} non-finite (strength too large for "
-                                     f"{weight.dtype}?); nothing was applied")
-                entries.append((path, weight, weight.detach().to("cpu", copy=True)))
-                weight.copy_(patched)
-    except BaseException:
-        _restore(entries)
-        raise
-    return LoraPatch(entries, signature(adapters))
+    return _execute(plan, signature(adapters), delta=lambda adapter, weight: adapter.delta().to(weight.device))
 
 
 _APPLIED: "weakref.WeakKeyDictionary[nn.Module, LoraPatch]" = weakref.WeakKeyDictionary()
